@@ -1,0 +1,302 @@
+//! The run configuration: TOML (serde, unknown keys rejected by name), every field overridable
+//! with `--set section.key=value`, validated into the core library's types.
+
+use anyhow::{anyhow, bail, Context, Result};
+use gfn_core::env::{HyperGridConfig, RewardPreset};
+use gfn_core::estimators::{Architecture, BackwardPolicy};
+use gfn_core::losses::{LossConfig, LossKind, SubTbWeighting};
+use gfn_core::optim::{OptimizerConfig, OptimizerKind};
+use gfn_core::replay::ReplayPolicy;
+use gfn_core::sampler::EpsilonSchedule;
+use gfn_core::train::{ReplayConfig, TrainConfig};
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub env: EnvSection,
+    pub model: ModelSection,
+    pub loss: LossSection,
+    pub optim: OptimSection,
+    pub sampling: SamplingSection,
+    pub replay: ReplaySection,
+    pub train: TrainSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvSection {
+    /// Only "hypergrid" for now.
+    pub name: String,
+    pub dim: usize,
+    pub height: usize,
+    /// standard (0.1, 0.5, 2.0), easy (1e-3, 0.5, 2.0) or hard (1e-4, 1.0, 3.0).
+    pub preset: RewardPreset,
+    /// Explicit R0/R1/R2 override the preset's.
+    pub r0: Option<f64>,
+    pub r1: Option<f64>,
+    pub r2: Option<f64>,
+}
+
+impl Default for EnvSection {
+    fn default() -> Self {
+        EnvSection { name: "hypergrid".into(), dim: 4, height: 8, preset: RewardPreset::Standard, r0: None, r1: None, r2: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchitectureName {
+    Mlp,
+    Tabular,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    pub architecture: ArchitectureName,
+    pub hidden: usize,
+    /// Hidden layers.
+    pub layers: usize,
+    /// learned, tied (shares the forward trunk) or uniform.
+    pub backward: BackwardPolicy,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection { architecture: ArchitectureName::Mlp, hidden: 256, layers: 2, backward: BackwardPolicy::Learned }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossSection {
+    pub name: LossKind,
+    pub log_reward_clip_min: f64,
+    pub subtb_lambda: f64,
+    pub subtb_weighting: SubTbWeighting,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        LossSection { name: LossKind::Tb, log_reward_clip_min: f64::NEG_INFINITY, subtb_lambda: 0.9, subtb_weighting: SubTbWeighting::GeometricWithin }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    pub name: OptimizerKind,
+    pub lr: f64,
+    pub lr_log_z: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        OptimSection { name: OptimizerKind::Adam, lr: 1e-3, lr_log_z: 0.1, weight_decay: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingSection {
+    pub batch_size: usize,
+    /// ε at step 0.
+    pub epsilon: f64,
+    /// ε after `epsilon_decay_steps` (linear schedule); defaults to `epsilon` (constant).
+    pub epsilon_end: Option<f64>,
+    pub epsilon_decay_steps: u64,
+    pub temperature: f64,
+}
+
+impl Default for SamplingSection {
+    fn default() -> Self {
+        SamplingSection { batch_size: 16, epsilon: 0.0, epsilon_end: None, epsilon_decay_steps: 0, temperature: 1.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplaySection {
+    /// Trajectories kept; 0 disables replay.
+    pub capacity: usize,
+    pub policy: ReplayPolicy,
+    /// Replayed trajectories per batch, as a fraction of the batch size.
+    pub ratio: f64,
+}
+
+impl Default for ReplaySection {
+    fn default() -> Self {
+        ReplaySection { capacity: 0, policy: ReplayPolicy::Uniform, ratio: 0.5 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub steps: u64,
+    pub seed: u64,
+    /// auto, cpu, cuda or cuda:N.
+    pub device: String,
+    /// Intra-op threads of libtorch; 0 keeps libtorch's default.
+    pub threads: usize,
+    /// Evaluate every this many steps (and at the end); 0: only at the end.
+    pub validate_every: u64,
+    /// Terminal states sampled for the empirical metrics.
+    pub eval_samples: usize,
+    /// Checkpoint every this many steps (and at the end); 0: only at the end.
+    pub checkpoint_every: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection { steps: 5000, seed: 0, device: "auto".into(), threads: 0, validate_every: 500, eval_samples: 200_000, checkpoint_every: 1000 }
+    }
+}
+
+impl Config {
+    /// Parses TOML text, naming the offending key on error.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let value: toml::Value = toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.message()))?;
+        Self::from_value(value, origin)
+    }
+
+    fn from_value(value: toml::Value, origin: &str) -> Result<Self> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow!("{origin}: {} {}", if path == "." { "config".into() } else { format!("`{path}`:") }, e.into_inner())
+        })
+    }
+
+    /// Applies `section.key=value` overrides. Values are TOML (numbers, booleans, strings);
+    /// anything that does not parse as TOML is taken as a string.
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Self> {
+        let mut root = toml::Value::try_from(self).context("serialising the configuration")?;
+        for item in overrides {
+            let (key, raw) = item.split_once('=').ok_or_else(|| anyhow!("--set {item:?}: expected key=value, e.g. loss.name=db"))?;
+            let key = key.trim();
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let mut table = root.as_table_mut().expect("the config is a table");
+            let parts: Vec<&str> = key.split('.').collect();
+            for part in &parts[..parts.len() - 1] {
+                table = table
+                    .get_mut(*part)
+                    .and_then(|v| v.as_table_mut())
+                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train)"))?;
+            }
+            table.insert(parts[parts.len() - 1].to_string(), value);
+        }
+        Self::from_value(root, "--set")
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration serialises")
+    }
+
+    pub fn env(&self) -> Result<HyperGridConfig> {
+        if self.env.name != "hypergrid" {
+            bail!("invalid env.name = {:?}: the available environment is \"hypergrid\"", self.env.name);
+        }
+        let (r0, r1, r2) = self.env.preset.constants();
+        Ok(HyperGridConfig {
+            dim: self.env.dim,
+            height: self.env.height,
+            r0: self.env.r0.unwrap_or(r0),
+            r1: self.env.r1.unwrap_or(r1),
+            r2: self.env.r2.unwrap_or(r2),
+        })
+    }
+
+    pub fn train_config(&self) -> Result<TrainConfig> {
+        let m = &self.model;
+        let architecture = match m.architecture {
+            ArchitectureName::Mlp => Architecture::Mlp { hidden: m.hidden, layers: m.layers },
+            ArchitectureName::Tabular => Architecture::Tabular,
+        };
+        let o = &self.optim;
+        let s = &self.sampling;
+        let config = TrainConfig {
+            architecture,
+            backward: m.backward,
+            loss: LossConfig {
+                kind: self.loss.name,
+                log_reward_clip_min: self.loss.log_reward_clip_min as f32,
+                subtb_lambda: self.loss.subtb_lambda,
+                subtb_weighting: self.loss.subtb_weighting,
+            },
+            optimizer: OptimizerConfig { kind: o.name, lr: o.lr, lr_log_z: o.lr_log_z, weight_decay: o.weight_decay, beta1: o.beta1, beta2: o.beta2, eps: o.eps },
+            batch_size: s.batch_size,
+            epsilon: EpsilonSchedule { start: s.epsilon, end: s.epsilon_end.unwrap_or(s.epsilon), decay_steps: s.epsilon_decay_steps },
+            temperature: s.temperature,
+            replay: ReplayConfig { capacity: self.replay.capacity, policy: self.replay.policy, ratio: self.replay.ratio },
+            seed: self.train.seed,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.train.device)
+    }
+}
+
+pub fn parse_device(name: &str) -> Result<Device> {
+    let cuda = |i: usize| -> Result<Device> {
+        let n = tch::Cuda::device_count() as usize;
+        if i >= n {
+            bail!("invalid train.device = {name:?}: CUDA is not available on this machine ({n} devices)");
+        }
+        Ok(Device::Cuda(i))
+    };
+    match name {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => cuda(i),
+            None => bail!("invalid train.device = {other:?}: expected auto, cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_reach_every_section_and_keep_types() {
+        let c = Config::default()
+            .with_overrides(&["loss.name=subtb".into(), "env.height=16".into(), "env.preset=easy".into(), "optim.lr=3e-4".into()])
+            .unwrap();
+        assert_eq!(c.loss.name, LossKind::Subtb);
+        assert_eq!(c.env.height, 16);
+        assert_eq!(c.optim.lr, 3e-4);
+        assert_eq!(c.env().unwrap().r0, 1e-3);
+    }
+
+    #[test]
+    fn unknown_keys_and_values_are_named() {
+        let err = Config::from_toml("[env]\nhieght = 3\n", "f.toml").unwrap_err().to_string();
+        assert!(err.contains("hieght"), "{err}");
+        let err = Config::default().with_overrides(&["loss.name=foo".into()]).unwrap_err().to_string();
+        assert!(err.contains("loss.name") && err.contains("foo"), "{err}");
+        let err = Config::default().with_overrides(&["nope.x=1".into()]).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+        let err = Config::default().with_overrides(&["sampling.batch_size=0".into()]).unwrap().train_config().unwrap_err().to_string();
+        assert!(err.contains("sampling.batch_size = 0"), "{err}");
+    }
+
+    #[test]
+    fn the_toml_round_trip_is_lossless() {
+        let c = Config::default().with_overrides(&["replay.capacity=100".into()]).unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml(), "x").unwrap(), c);
+    }
+}

@@ -1,0 +1,148 @@
+//! The `gfn` binary.
+
+mod bench;
+mod config;
+mod progress;
+mod run;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use config::Config;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "gfn", version, about = "Train GFlowNets on one CPU or GPU (multi-rank: see the README)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train (defaults: HyperGrid 4x8, trajectory balance, MLP 2x256, batch 16).
+    Train(TrainArgs),
+    /// Measure steps/s and trajectories/s over grids, batch sizes and losses.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML configuration; omitted: the built-in defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one field, e.g. --set loss.name=db --set env.preset=easy.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Run directory (config, metrics.jsonl, checkpoint, summary.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its checkpoint (with its saved config).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "out"])]
+    resume: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N (same as --set train.device=...).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Grids as DxH.
+    #[arg(long, value_delimiter = ',', default_value = "4x8,2x64")]
+    grids: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "16,128")]
+    batches: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "tb,db,subtb")]
+    losses: Vec<String>,
+    /// Untimed steps before measuring each setting.
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    /// Measured seconds per setting.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Extra overrides applied to every setting, e.g. --set train.threads=1.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[arg(long)]
+    device: Option<String>,
+    /// Also write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn parse_grid(text: &str) -> Result<(usize, usize)> {
+    let (d, h) = text.split_once('x').ok_or_else(|| anyhow!("invalid --grids entry {text:?}: expected DxH, e.g. 4x8"))?;
+    Ok((d.parse().with_context(|| format!("invalid --grids entry {text:?}"))?, h.parse().with_context(|| format!("invalid --grids entry {text:?}"))?))
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let mut overrides = args.set;
+    if let Some(device) = args.device {
+        overrides.push(format!("train.device={device:?}"));
+    }
+    let (config, out, resume) = match args.resume {
+        Some(dir) => {
+            let path = dir.join(run::CONFIG_FILE);
+            if !dir.join(run::CHECKPOINT_FILE).exists() {
+                bail!("--resume {}: no {} there", dir.display(), run::CHECKPOINT_FILE);
+            }
+            let text = std::fs::read_to_string(&path).with_context(|| format!("--resume {}: cannot read {}", dir.display(), path.display()))?;
+            (Config::from_toml(&text, &path.display().to_string())?.with_overrides(&overrides)?, dir, true)
+        }
+        None => {
+            let base = match &args.config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).with_context(|| format!("--config {}: cannot read", path.display()))?;
+                    Config::from_toml(&text, &path.display().to_string())?
+                }
+                None => Config::default(),
+            };
+            let out = args.out.unwrap_or_else(|| {
+                let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                PathBuf::from(format!("runs/run-{secs}"))
+            });
+            (base.with_overrides(&overrides)?, out, false)
+        }
+    };
+    let summary = run::train(run::TrainRequest { config, out: out.clone(), resume })?;
+    print!("{}", run::summary_table(&summary));
+    println!("run directory: {}", out.display());
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let mut overrides = args.set;
+    if let Some(device) = args.device {
+        overrides.push(format!("train.device={device:?}"));
+    }
+    let plan = bench::BenchPlan {
+        grids: args.grids.iter().map(|g| parse_grid(g)).collect::<Result<_>>()?,
+        batches: args.batches,
+        losses: args.losses,
+        warmup: args.warmup,
+        seconds: args.seconds,
+        overrides,
+    };
+    let rows = bench::run(&plan)?;
+    print!("{}", bench::markdown(&rows));
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let result = match Cli::parse().command {
+        Command::Train(args) => train(args),
+        Command::Bench(args) => bench(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

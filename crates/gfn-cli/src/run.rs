@@ -1,0 +1,181 @@
+//! `gfn train`: the training loop around the core's `TrainState`, with progress, JSON-lines
+//! metrics, periodic evaluation and checkpoints, and a final summary.
+
+use crate::config::Config;
+use crate::progress::Progress;
+use anyhow::{bail, Context, Result};
+use gfn_core::checkpoint;
+use gfn_core::env::HyperGrid;
+use gfn_core::train::{Evaluation, NoReduction, StepMetrics, TrainState};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const CHECKPOINT_FILE: &str = "checkpoint.pt";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// One line of `metrics.jsonl`, written at each evaluation.
+#[derive(Serialize)]
+struct MetricsLine<'a> {
+    step: u64,
+    trajectories: u64,
+    wall_s: f64,
+    steps_per_s: f64,
+    #[serde(flatten)]
+    train: &'a StepMetrics,
+    #[serde(flatten)]
+    eval: &'a Evaluation,
+}
+
+#[derive(Serialize)]
+pub struct Summary {
+    pub loss: f64,
+    pub l1: f64,
+    pub tv: f64,
+    pub kl: f64,
+    pub jsd: f64,
+    pub exact_tv: f64,
+    pub exact_kl: f64,
+    pub modes_found: usize,
+    pub n_modes: usize,
+    pub log_z: f64,
+    pub true_log_z: f64,
+    pub steps: u64,
+    pub trajectories: u64,
+    pub wall_s: f64,
+    pub steps_per_s: f64,
+    pub device: String,
+}
+
+pub struct TrainRequest {
+    pub config: Config,
+    pub out: PathBuf,
+    pub resume: bool,
+}
+
+/// Builds the state for `config`, restoring the checkpoint in `out` when resuming.
+pub fn build_state(config: &Config, out: &Path, resume: bool) -> Result<TrainState> {
+    let train_config = config.train_config()?;
+    let device = config.device()?;
+    if config.train.threads > 0 {
+        tch::set_num_threads(config.train.threads as i32);
+    }
+    let env = HyperGrid::new(config.env()?)?;
+    let mut state = TrainState::new(Box::new(env), train_config, device, 0)?;
+    if resume {
+        checkpoint::load(&mut state, &out.join(CHECKPOINT_FILE))?;
+    }
+    Ok(state)
+}
+
+pub fn prepare_out_dir(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create --out {}", out.display()))?;
+    let probe = out.join(".write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("--out {} is not writable", out.display()))?;
+    std::fs::remove_file(probe)?;
+    Ok(())
+}
+
+pub fn train(request: TrainRequest) -> Result<Summary> {
+    let TrainRequest { config, out, resume } = request;
+    prepare_out_dir(&out)?;
+    let mut state = build_state(&config, &out, resume)?;
+    std::fs::write(out.join(CONFIG_FILE), config.to_toml()).with_context(|| format!("writing {}", out.join(CONFIG_FILE).display()))?;
+    let total = config.train.steps;
+    if state.step > total {
+        bail!("invalid train.steps = {total}: the checkpoint in {} is already at step {}", out.display(), state.step);
+    }
+    let device = format!("{:?}", state.estimators.device()).to_lowercase();
+    tracing::info!(
+        env = %format!("hypergrid {}x{}", config.env.dim, config.env.height),
+        loss = ?config.loss.name,
+        batch = config.sampling.batch_size,
+        params = state.estimators.params.len(),
+        device = %device,
+        out = %out.display(),
+        "training from step {} to {total}",
+        state.step
+    );
+    let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(out.join(METRICS_FILE))?;
+    let started = Instant::now();
+    let mut train_time = 0.0;
+    let first_step = state.step;
+    let mut progress = Progress::new(first_step, total);
+    let mut last = StepMetrics { loss: f64::NAN, batch_trajectories: 0, mean_log_reward: f64::NAN, mean_length: f64::NAN, epsilon: state.epsilon() };
+    let mut last_eval = None;
+    let mut reducer = NoReduction;
+    let due = |every: u64, step: u64| every > 0 && step % every == 0;
+    while state.step < total {
+        let t = Instant::now();
+        last = state.train_step(&mut reducer)?;
+        train_time += t.elapsed().as_secs_f64();
+        let steps_per_s = (state.step - first_step) as f64 / train_time;
+        if due(config.train.validate_every, state.step) || state.step == total {
+            let eval = state.evaluate(config.train.eval_samples)?;
+            let line = MetricsLine { step: state.step, trajectories: state.trajectories, wall_s: started.elapsed().as_secs_f64(), steps_per_s, train: &last, eval: &eval };
+            writeln!(metrics_file, "{}", serde_json::to_string(&line)?)?;
+            progress.evaluation(state.step, &eval);
+            last_eval = Some(eval);
+        }
+        if due(config.train.checkpoint_every, state.step) || state.step == total {
+            checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
+        }
+        progress.step(state.step, state.trajectories, last.loss, steps_per_s, last_eval.as_ref());
+    }
+    progress.finish();
+    // A run with nothing left to do (e.g. resumed at its last step) still reports and saves.
+    let eval = match last_eval {
+        Some(eval) => eval,
+        None => {
+            checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
+            state.evaluate(config.train.eval_samples)?
+        }
+    };
+    let d = &eval.distribution;
+    let summary = Summary {
+        loss: last.loss,
+        l1: d.l1,
+        tv: d.tv,
+        kl: d.kl,
+        jsd: d.jsd,
+        exact_tv: d.exact_tv,
+        exact_kl: d.exact_kl,
+        modes_found: eval.modes_found,
+        n_modes: eval.n_modes,
+        log_z: eval.log_z,
+        true_log_z: eval.true_log_z,
+        steps: state.step,
+        trajectories: state.trajectories,
+        wall_s: started.elapsed().as_secs_f64(),
+        steps_per_s: if train_time > 0.0 { (state.step - first_step) as f64 / train_time } else { 0.0 },
+        device,
+    };
+    std::fs::write(out.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary)? + "\n")?;
+    Ok(summary)
+}
+
+/// The summary as an aligned two-column table.
+pub fn summary_table(summary: &Summary) -> String {
+    let value = serde_json::to_value(summary).expect("the summary serialises");
+    let rows: Vec<(String, String)> = value
+        .as_object()
+        .expect("the summary is an object")
+        .iter()
+        .map(|(k, v)| {
+            let shown = match v.as_f64() {
+                Some(x) if v.is_f64() => format!("{x:.6}"),
+                _ => v.to_string().trim_matches('"').to_string(),
+            };
+            (k.clone(), shown)
+        })
+        .collect();
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!("{:<width$}  value\n{}  -----\n", "metric", "-".repeat(width));
+    for (k, v) in rows {
+        out += &format!("{k:<width$}  {v}\n");
+    }
+    out
+}

@@ -1,0 +1,24 @@
+use thiserror::Error;
+
+/// Errors of the core library. Every variant names what was wrong and with which value.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("invalid {field} = {value}: {reason}")]
+    InvalidConfig { field: &'static str, value: String, reason: String },
+    #[error("environment has {n_states} states, more than the {limit} that exact evaluation enumerates")]
+    TooLargeToEnumerate { n_states: u128, limit: usize },
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn invalid(field: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig { field, value: value.to_string(), reason: reason.into() }
+    }
+}

@@ -1,0 +1,246 @@
+//! GFlowNet objectives. Each loss is a pure function of a batch of trajectories and the
+//! estimators' outputs on it: [`prepare`] turns trajectories into index and mask tensors,
+//! [`evaluate`] runs one batched forward over every state of the batch, and the loss functions
+//! only combine those tensors.
+
+mod db;
+mod fm;
+mod modified_db;
+mod subtb;
+mod tb;
+mod zvar;
+
+pub use db::detailed_balance;
+pub use fm::flow_matching;
+pub use modified_db::modified_detailed_balance;
+pub use subtb::{sub_trajectory_balance, subtb_weights, SubTbWeighting};
+pub use tb::trajectory_balance;
+pub use zvar::log_partition_variance;
+
+use crate::env::Environment;
+use crate::estimators::{additive_mask, masked_log_softmax, Estimators, Wanted};
+use crate::params::ParamViews;
+use crate::trajectories::Trajectories;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Trajectory balance (Malkin et al., 2022).
+    Tb,
+    /// Detailed balance (Bengio et al., 2023).
+    Db,
+    /// Sub-trajectory balance (Madan et al., 2023).
+    Subtb,
+    /// Flow matching (Bengio et al., 2021).
+    Fm,
+    /// Log-partition variance (Zhang et al., 2023).
+    Zvar,
+    /// Modified detailed balance for environments where every state terminates (Deleu et al., 2022).
+    ModifiedDb,
+}
+
+impl LossKind {
+    pub const NAMES: &'static str = "tb, db, subtb, fm, zvar, modified_db";
+
+    pub fn needs_log_flow(self) -> bool {
+        matches!(self, LossKind::Db | LossKind::Subtb)
+    }
+    pub fn needs_log_z(self) -> bool {
+        matches!(self, LossKind::Tb)
+    }
+    /// Flow matching parametrises edge flows only; it has no backward policy.
+    pub fn uses_backward_policy(self) -> bool {
+        !matches!(self, LossKind::Fm)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    pub kind: LossKind,
+    /// Lower clip of log-rewards inside the losses (torchgfn's `log_reward_clip_min`).
+    pub log_reward_clip_min: f32,
+    pub subtb_lambda: f64,
+    pub subtb_weighting: SubTbWeighting,
+}
+
+impl LossConfig {
+    pub fn new(kind: LossKind) -> Self {
+        LossConfig { kind, log_reward_clip_min: f32::NEG_INFINITY, subtb_lambda: 0.9, subtb_weighting: SubTbWeighting::GeometricWithin }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.log_reward_clip_min.is_nan() {
+            return Err(Error::invalid("loss.log_reward_clip_min", self.log_reward_clip_min, "must be a number"));
+        }
+        if !(self.subtb_lambda > 0.0 && self.subtb_lambda.is_finite()) {
+            return Err(Error::invalid("loss.subtb_lambda", self.subtb_lambda, "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Tensors describing a batch, built once on the host and moved to the device.
+pub struct PreparedBatch {
+    pub n_trajectories: usize,
+    /// Trajectory boundaries (host side, for sub-trajectory weights).
+    pub offsets: Vec<usize>,
+    pub input: Tensor,
+    forward_mask: Tensor,
+    backward_mask: Option<Tensor>,
+    forward_actions: Tensor,
+    /// Backward action from state t to t-1 (0 at first states, where it is masked out).
+    backward_actions: Tensor,
+    /// log of the uniform P_B(s_{t-1} | s_t) when P_B is not learned.
+    uniform_log_pb: Option<Tensor>,
+    /// 0 at the first state of each trajectory, 1 elsewhere.
+    pub not_first: Tensor,
+    pub not_last: Tensor,
+    pub is_last: Tensor,
+    pub trajectory_of_state: Tensor,
+    /// Index of the next state in the trajectory (the state itself for the last one).
+    pub next_index: Tensor,
+    /// Clipped log R(x) per trajectory.
+    pub log_rewards: Tensor,
+    /// Clipped log R(s) per state (for losses that treat every state as terminating).
+    pub state_log_rewards: Tensor,
+}
+
+pub(crate) fn host_tensor<T: tch::kind::Element>(values: &[T], device: Device) -> Tensor {
+    Tensor::from_slice(values).to_device(device)
+}
+
+fn as_f32(flags: &[bool]) -> Vec<f32> {
+    flags.iter().map(|&f| f as u8 as f32).collect()
+}
+
+pub fn prepare(env: &dyn Environment, estimators: &Estimators, batch: &Trajectories, clip_min: f32) -> PreparedBatch {
+    let device = estimators.device();
+    let s = batch.n_states();
+    let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
+    let is_first = batch.is_first();
+    let is_last = batch.is_last();
+    let mut forward_mask = vec![false; s * n_actions];
+    env.forward_masks(&batch.states, &mut forward_mask);
+    let mut backward_mask = vec![false; s * n_back];
+    env.backward_masks(&batch.states, &mut backward_mask);
+    let backward_actions: Vec<i64> = (0..s)
+        .map(|i| if is_first[i] { 0 } else { env.backward_action_of(batch.state(i - 1), batch.actions[i - 1]) as i64 })
+        .collect();
+    let next_index: Vec<i64> = (0..s).map(|i| if is_last[i] { i as i64 } else { i as i64 + 1 }).collect();
+    let mut state_log_rewards = vec![0f32; s];
+    env.log_reward(&batch.states, &mut state_log_rewards);
+    let clip = |v: &mut f32| *v = v.max(clip_min);
+    state_log_rewards.iter_mut().for_each(clip);
+    let mut log_rewards = batch.log_rewards.clone();
+    log_rewards.iter_mut().for_each(clip);
+    let uniform_log_pb = (!estimators.has_learned_pb()).then(|| {
+        let values: Vec<f32> = backward_mask
+            .chunks_exact(n_back)
+            .zip(&is_first)
+            .map(|(m, &first)| if first { 0.0 } else { -(m.iter().filter(|&&a| a).count() as f32).ln() })
+            .collect();
+        host_tensor(&values, device)
+    });
+    let forward_actions: Vec<i64> = batch.actions.iter().map(|&a| a as i64).collect();
+    let not_first: Vec<bool> = is_first.iter().map(|f| !f).collect();
+    let not_last: Vec<bool> = is_last.iter().map(|f| !f).collect();
+    PreparedBatch {
+        n_trajectories: batch.len(),
+        offsets: batch.offsets.clone(),
+        input: estimators.input(env, &batch.states),
+        forward_mask: additive_mask(&forward_mask, n_actions, device),
+        backward_mask: estimators.has_learned_pb().then(|| additive_mask(&backward_mask, n_back, device)),
+        forward_actions: host_tensor(&forward_actions, device).unsqueeze(1),
+        backward_actions: host_tensor(&backward_actions, device).unsqueeze(1),
+        uniform_log_pb,
+        not_first: host_tensor(&as_f32(&not_first), device),
+        not_last: host_tensor(&as_f32(&not_last), device),
+        is_last: host_tensor(&is_last, device),
+        trajectory_of_state: host_tensor(&batch.trajectory_of_states(), device),
+        next_index: host_tensor(&next_index, device),
+        log_rewards: host_tensor(&log_rewards, device),
+        state_log_rewards: host_tensor(&state_log_rewards, device),
+    }
+}
+
+/// Estimator outputs on every state of a batch.
+pub struct Evaluated {
+    /// log P_F(a_t | s_t) of the action taken (the exit at the last state).
+    pub log_pf: Tensor,
+    /// log P_F(exit | s_t) at every state.
+    pub log_pf_exit: Tensor,
+    /// log P_B(s_{t-1} | s_t); 0 at the first state.
+    pub log_pb: Tensor,
+    pub log_flow: Option<Tensor>,
+    pub log_z: Option<Tensor>,
+}
+
+pub fn evaluate(estimators: &Estimators, p: &ParamViews, batch: &PreparedBatch, exit_action: usize) -> Evaluated {
+    let wanted = Wanted { pf: true, pb: estimators.has_learned_pb(), log_flow: estimators.has_log_flow() };
+    let out = estimators.forward(p, &batch.input, wanted);
+    let log_probs = masked_log_softmax(&out.pf_logits.expect("pf asked for"), &batch.forward_mask);
+    let log_pf = log_probs.gather(1, &batch.forward_actions, false).squeeze_dim(1);
+    let log_pf_exit = log_probs.select(1, exit_action as i64);
+    let log_pb = match (&out.pb_logits, &batch.backward_mask, &batch.uniform_log_pb) {
+        (Some(logits), Some(mask), _) => {
+            masked_log_softmax(logits, mask).gather(1, &batch.backward_actions, false).squeeze_dim(1) * &batch.not_first
+        }
+        (None, _, Some(uniform)) => uniform.shallow_clone(),
+        _ => unreachable!("a batch is prepared for the estimators that evaluate it"),
+    };
+    Evaluated { log_pf, log_pf_exit, log_pb, log_flow: out.log_flow, log_z: estimators.log_z(p).map(|t| t.shallow_clone()) }
+}
+
+/// Sum of per-state values over each trajectory.
+pub fn per_trajectory_sum(values: &Tensor, batch: &PreparedBatch) -> Tensor {
+    Tensor::zeros([batch.n_trajectories as i64], (Kind::Float, values.device())).index_add(0, &batch.trajectory_of_state, values)
+}
+
+/// The loss of `config.kind` on a batch of trajectories.
+pub fn compute_loss(config: &LossConfig, env: &dyn Environment, estimators: &Estimators, p: &ParamViews, batch: &Trajectories) -> Tensor {
+    if config.kind == LossKind::Fm {
+        return flow_matching(env, estimators, p, batch, config.log_reward_clip_min);
+    }
+    let prepared = prepare(env, estimators, batch, config.log_reward_clip_min);
+    let ev = evaluate(estimators, p, &prepared, env.exit_action());
+    match config.kind {
+        LossKind::Tb => trajectory_balance(&ev, &prepared),
+        LossKind::Db => detailed_balance(&ev, &prepared),
+        LossKind::Subtb => sub_trajectory_balance(&ev, &prepared, config.subtb_lambda, config.subtb_weighting),
+        LossKind::Zvar => log_partition_variance(&ev, &prepared),
+        LossKind::ModifiedDb => modified_detailed_balance(&ev, &prepared),
+        LossKind::Fm => unreachable!("handled above"),
+    }
+}
+
+/// The learned estimate of log Z: the log Z parameter (TB), log F(s0) (DB, SubTB), the total
+/// edge flow out of s0 (FM), or log R(s0) - log P_F(exit | s0) (ZVar, ModifiedDB), which
+/// equals log Z wherever the policy samples x with probability R(x)/Z.
+pub fn estimated_log_z(kind: LossKind, env: &dyn Environment, estimators: &Estimators) -> f64 {
+    let mut s0 = vec![0i64; env.state_dim()];
+    env.initial_state(&mut s0);
+    let p = estimators.params.detached_views();
+    tch::no_grad(|| {
+        let input = estimators.input(env, &s0);
+        let wanted = Wanted { pf: true, pb: false, log_flow: kind.needs_log_flow() };
+        let out = estimators.forward(&p, &input, wanted);
+        let mut mask = vec![false; env.n_actions()];
+        env.forward_masks(&s0, &mut mask);
+        let mask = additive_mask(&mask, env.n_actions(), estimators.device());
+        let logits = out.pf_logits.expect("pf asked for");
+        let value = match kind {
+            LossKind::Tb => estimators.log_z(&p).expect("TB learns log Z").shallow_clone(),
+            LossKind::Db | LossKind::Subtb => out.log_flow.expect("DB/SubTB learn log F"),
+            LossKind::Fm => (logits + mask).logsumexp([1i64].as_slice(), false),
+            LossKind::Zvar | LossKind::ModifiedDb => {
+                let mut log_r = [0f32];
+                env.log_reward(&s0, &mut log_r);
+                -masked_log_softmax(&logits, &mask).select(1, env.exit_action() as i64) + log_r[0] as f64
+            }
+        };
+        value.double_value(&[0])
+    })
+}

@@ -1,0 +1,181 @@
+//! Rolling out trajectories: batched environment stepping in Rust, one policy forward per step
+//! over the trajectories still running, ε-uniform exploration and temperature.
+
+use crate::env::Environment;
+use crate::estimators::Estimators;
+use crate::trajectories::Trajectories;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
+
+/// How actions are drawn from the forward logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Exploration {
+    /// Probability of drawing uniformly among the allowed actions instead of from the policy.
+    pub epsilon: f64,
+    /// Logits are divided by this before the softmax.
+    pub temperature: f64,
+}
+
+impl Exploration {
+    pub const ON_POLICY: Exploration = Exploration { epsilon: 0.0, temperature: 1.0 };
+}
+
+/// ε as a function of the training step: constant, or linear from `start` to `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EpsilonSchedule {
+    pub start: f64,
+    pub end: f64,
+    /// Steps over which ε goes linearly from `start` to `end`; 0 keeps `start`.
+    pub decay_steps: u64,
+}
+
+impl EpsilonSchedule {
+    pub fn at(&self, step: u64) -> f64 {
+        if self.decay_steps == 0 {
+            return self.start;
+        }
+        let t = (step as f64 / self.decay_steps as f64).min(1.0);
+        self.start + (self.end - self.start) * t
+    }
+}
+
+/// Draws an action from `logits` restricted to `mask`, with exploration. Probabilities are
+/// formed in f64 so that tiny ε and peaked policies stay exact.
+pub fn choose_action(logits: &[f32], mask: &[bool], exploration: Exploration, rng: &mut impl Rng, scratch: &mut Vec<f64>) -> usize {
+    let inv_t = 1.0 / exploration.temperature;
+    let max = logits.iter().zip(mask).filter(|(_, &m)| m).map(|(&l, _)| l as f64 * inv_t).fold(f64::NEG_INFINITY, f64::max);
+    scratch.clear();
+    let mut total = 0.0;
+    let mut n_allowed = 0usize;
+    for (&l, &m) in logits.iter().zip(mask) {
+        let w = if m { ((l as f64) * inv_t - max).exp() } else { 0.0 };
+        n_allowed += m as usize;
+        total += w;
+        scratch.push(w);
+    }
+    let eps = exploration.epsilon;
+    let uniform = if n_allowed > 0 { eps / n_allowed as f64 } else { 0.0 };
+    let u: f64 = rng.gen();
+    let mut acc = 0.0;
+    let mut last_allowed = 0;
+    for (a, (&w, &m)) in scratch.iter().zip(mask).enumerate() {
+        if !m {
+            continue;
+        }
+        last_allowed = a;
+        acc += (1.0 - eps) * w / total + uniform;
+        if u < acc {
+            return a;
+        }
+    }
+    last_allowed
+}
+
+/// Rolls out `n` trajectories from the initial state. `policy` fills forward logits
+/// (`rows × n_actions`) for a batch of states.
+pub fn rollout(
+    env: &dyn Environment,
+    n: usize,
+    exploration: Exploration,
+    rng: &mut impl Rng,
+    mut policy: impl FnMut(&[i64], &mut Vec<f32>),
+) -> Trajectories {
+    let (d, n_actions, exit) = (env.state_dim(), env.n_actions(), env.exit_action());
+    // `batch` holds the states of the running trajectories, in the order of `active`.
+    let mut batch = vec![0i64; n * d];
+    for row in batch.chunks_exact_mut(d) {
+        env.initial_state(row);
+    }
+    let mut visited: Vec<Vec<i64>> = vec![Vec::new(); n];
+    let mut taken: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut active: Vec<usize> = (0..n).collect();
+    let (mut masks, mut logits, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut next_batch, mut next_active, mut stepping) = (Vec::new(), Vec::new(), Vec::new());
+    while !active.is_empty() {
+        masks.resize(active.len() * n_actions, false);
+        env.forward_masks(&batch, &mut masks);
+        policy(&batch, &mut logits);
+        next_batch.clear();
+        next_active.clear();
+        stepping.clear();
+        for (row, &i) in active.iter().enumerate() {
+            let r = row * n_actions..(row + 1) * n_actions;
+            let a = choose_action(&logits[r.clone()], &masks[r], exploration, rng, &mut scratch);
+            let state = &batch[row * d..(row + 1) * d];
+            visited[i].extend_from_slice(state);
+            taken[i].push(a);
+            if a != exit {
+                next_batch.extend_from_slice(state);
+                next_active.push(i);
+                stepping.push(a);
+            }
+        }
+        env.step(&mut next_batch, &stepping);
+        std::mem::swap(&mut batch, &mut next_batch);
+        std::mem::swap(&mut active, &mut next_active);
+    }
+    let mut out = Trajectories::new(d);
+    let mut log_r = [0f32];
+    for (states, acts) in visited.iter().zip(&taken) {
+        env.log_reward(&states[states.len() - d..], &mut log_r);
+        out.push(states, acts, log_r[0]);
+    }
+    out
+}
+
+/// Rolls out `n` trajectories with the current forward policy (no autograd).
+pub fn sample_trajectories(env: &dyn Environment, estimators: &Estimators, n: usize, exploration: Exploration, rng: &mut impl Rng) -> Trajectories {
+    rollout(env, n, exploration, rng, |states, logits| {
+        let out = estimators.pf_logits_no_grad(&estimators.input(env, states));
+        let out = out.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        logits.resize(out.numel(), 0.0);
+        out.copy_data(logits, out.numel());
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn choose_action_frequencies_match_the_mixture() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let logits = [0.0f32, (3.0f32).ln(), 100.0, 0.0];
+        let mask = [true, true, false, true];
+        let exploration = Exploration { epsilon: 0.3, temperature: 1.0 };
+        let mut counts = [0usize; 4];
+        let mut scratch = Vec::new();
+        let n = 200_000;
+        for _ in 0..n {
+            counts[choose_action(&logits, &mask, exploration, &mut rng, &mut scratch)] += 1;
+        }
+        // Policy over allowed actions: (1, 3, 1) / 5; mixture: 0.7 * policy + 0.3 / 3.
+        let expected = [0.7 * 0.2 + 0.1, 0.7 * 0.6 + 0.1, 0.0, 0.7 * 0.2 + 0.1];
+        for a in 0..4 {
+            let freq = counts[a] as f64 / n as f64;
+            assert!((freq - expected[a]).abs() < 0.005, "action {a}: {freq} vs {}", expected[a]);
+        }
+    }
+
+    #[test]
+    fn temperature_flattens_the_policy() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let logits = [0.0f32, 2.0];
+        let hot = Exploration { epsilon: 0.0, temperature: 2.0 };
+        let mut scratch = Vec::new();
+        let n = 100_000;
+        let ones = (0..n).filter(|_| choose_action(&logits, &[true, true], hot, &mut rng, &mut scratch) == 1).count();
+        let expected = 1.0f64.exp() / (1.0 + 1.0f64.exp());
+        assert!((ones as f64 / n as f64 - expected).abs() < 0.006);
+    }
+
+    #[test]
+    fn epsilon_schedule_is_linear_then_flat() {
+        let s = EpsilonSchedule { start: 0.5, end: 0.1, decay_steps: 100 };
+        assert_eq!(s.at(0), 0.5);
+        assert!((s.at(50) - 0.3).abs() < 1e-12);
+        assert!((s.at(1000) - 0.1).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,212 @@
+//! The training state: estimators, optimizer, step, RNG (plus replay and modes found), with one
+//! `update` = forward → loss → backward → gradient hook → optimizer step. The hook is where data
+//! parallelism all-reduces the flat gradient; a single rank passes [`NoReduction`].
+
+use crate::env::Environment;
+use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
+use crate::evaluation::{evaluate_policy, DistributionMetrics, ModeTracker};
+use crate::losses::{compute_loss, estimated_log_z, LossConfig};
+use crate::optim::{Adam, OptimizerConfig};
+use crate::replay::{ReplayBuffer, ReplayPolicy};
+use crate::sampler::{sample_trajectories, EpsilonSchedule, Exploration};
+use crate::trajectories::Trajectories;
+use crate::truth::GroundTruth;
+use crate::{Error, Result};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplayConfig {
+    /// 0 disables replay.
+    pub capacity: usize,
+    pub policy: ReplayPolicy,
+    /// Replayed trajectories added to each batch, as a fraction of the batch size.
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainConfig {
+    pub architecture: Architecture,
+    pub backward: BackwardPolicy,
+    pub loss: LossConfig,
+    pub optimizer: OptimizerConfig,
+    pub batch_size: usize,
+    pub epsilon: EpsilonSchedule,
+    pub temperature: f64,
+    pub replay: ReplayConfig,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::invalid("sampling.batch_size", 0, "must be at least 1"));
+        }
+        for (field, value) in [("sampling.epsilon", self.epsilon.start), ("sampling.epsilon_end", self.epsilon.end)] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(Error::invalid(field, value, "must be in [0, 1]"));
+            }
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(Error::invalid("sampling.temperature", self.temperature, "must be > 0"));
+        }
+        if !(self.replay.ratio >= 0.0 && self.replay.ratio.is_finite()) {
+            return Err(Error::invalid("replay.ratio", self.replay.ratio, "must be >= 0"));
+        }
+        self.loss.validate()?;
+        self.optimizer.validate()
+    }
+
+    fn estimator_config(&self) -> EstimatorConfig {
+        let kind = self.loss.kind;
+        EstimatorConfig {
+            architecture: self.architecture,
+            backward: if kind.uses_backward_policy() { self.backward } else { BackwardPolicy::Uniform },
+            log_flow: kind.needs_log_flow(),
+            log_z: kind.needs_log_z(),
+        }
+    }
+}
+
+/// Called between backward and the optimizer step with the flat gradient, which it may modify
+/// in place (all-reduce and average across ranks).
+pub trait GradientReducer {
+    fn reduce(&mut self, flat_grad: &mut Tensor) -> Result<()>;
+}
+
+/// Single rank: the gradient is used as it is.
+pub struct NoReduction;
+
+impl GradientReducer for NoReduction {
+    fn reduce(&mut self, _flat_grad: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub loss: f64,
+    /// Trajectories in the update (fresh plus replayed).
+    pub batch_trajectories: usize,
+    pub mean_log_reward: f64,
+    pub mean_length: f64,
+    pub epsilon: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    #[serde(flatten)]
+    pub distribution: DistributionMetrics,
+    pub modes_found: usize,
+    pub n_modes: usize,
+    pub log_z: f64,
+    pub true_log_z: f64,
+}
+
+pub struct TrainState {
+    pub env: Box<dyn Environment>,
+    pub config: TrainConfig,
+    pub estimators: Estimators,
+    pub optimizer: Adam,
+    pub step: u64,
+    pub rng: ChaCha8Rng,
+    pub replay: ReplayBuffer,
+    /// Fresh trajectories sampled so far (replayed ones not counted).
+    pub trajectories: u64,
+    pub truth: GroundTruth,
+    pub modes: ModeTracker,
+}
+
+impl TrainState {
+    /// `stream` separates the sampling randomness of ranks that share a seed.
+    pub fn new(env: Box<dyn Environment>, config: TrainConfig, device: Device, stream: u64) -> Result<Self> {
+        config.validate()?;
+        let truth = GroundTruth::enumerate(env.as_ref())?;
+        let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let estimators = Estimators::new(env.as_ref(), config.estimator_config(), device, &mut init_rng)?;
+        let optimizer = Adam::new(&estimators.params, config.optimizer);
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        rng.set_stream(stream + 1);
+        let modes = ModeTracker::new(truth.n_states);
+        Ok(TrainState {
+            env,
+            config,
+            estimators,
+            optimizer,
+            step: 0,
+            rng,
+            replay: ReplayBuffer::new(config.replay.capacity, config.replay.policy),
+            trajectories: 0,
+            truth,
+            modes,
+        })
+    }
+
+    pub fn epsilon(&self) -> f64 {
+        self.config.epsilon.at(self.step)
+    }
+
+    /// A fresh on-policy batch (with exploration), plus replayed trajectories when enabled.
+    /// Returns the batch and the number of fresh trajectories at its front.
+    pub fn sample_batch(&mut self) -> (Trajectories, usize) {
+        let exploration = Exploration { epsilon: self.epsilon(), temperature: self.config.temperature };
+        let n = self.config.batch_size;
+        let mut batch = sample_trajectories(self.env.as_ref(), &self.estimators, n, exploration, &mut self.rng);
+        let env = self.env.as_ref();
+        let terminals = (0..batch.len()).map(|b| env.state_index(batch.terminal_state(b)));
+        self.modes.observe(&self.truth, terminals);
+        self.trajectories += n as u64;
+        if self.config.replay.capacity > 0 {
+            let k = (self.config.replay.ratio * n as f64).round() as usize;
+            let replayed = self.replay.sample(k, env.state_dim(), &mut self.rng);
+            self.replay.push(&batch);
+            batch.extend(&replayed);
+        }
+        (batch, n)
+    }
+
+    /// One gradient step on `batch`.
+    pub fn update(&mut self, batch: &Trajectories, reducer: &mut dyn GradientReducer) -> Result<StepMetrics> {
+        let params = &mut self.estimators.params;
+        params.zero_grad();
+        let views = params.views();
+        let loss = compute_loss(&self.config.loss, self.env.as_ref(), &self.estimators, &views, batch);
+        loss.backward();
+        drop(views);
+        let mut grad = self.estimators.params.grad();
+        reducer.reduce(&mut grad)?;
+        self.optimizer.step(&mut self.estimators.params);
+        let metrics = StepMetrics {
+            loss: loss.double_value(&[]),
+            batch_trajectories: batch.len(),
+            mean_log_reward: batch.log_rewards.iter().map(|&r| r as f64).sum::<f64>() / batch.len() as f64,
+            mean_length: batch.n_states() as f64 / batch.len() as f64,
+            epsilon: self.epsilon(),
+        };
+        self.step += 1;
+        Ok(metrics)
+    }
+
+    /// Sample a batch and update on it.
+    pub fn train_step(&mut self, reducer: &mut dyn GradientReducer) -> Result<StepMetrics> {
+        let (batch, _) = self.sample_batch();
+        self.update(&batch, reducer)
+    }
+
+    /// Metrics of the current policy. Uses its own RNG (derived from seed and step) so that
+    /// evaluating never changes the training trajectory.
+    pub fn evaluate(&self, n_samples: usize) -> Result<Evaluation> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0x9E37_79B9_7F4A_7C15);
+        rng.set_stream(self.step);
+        let distribution = evaluate_policy(self.env.as_ref(), &self.estimators, &self.truth, n_samples, &mut rng)?;
+        Ok(Evaluation {
+            distribution,
+            modes_found: self.modes.count(),
+            n_modes: self.truth.modes.len(),
+            log_z: estimated_log_z(self.config.loss.kind, self.env.as_ref(), &self.estimators),
+            true_log_z: self.truth.log_z,
+        })
+    }
+}
