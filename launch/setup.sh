@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Idempotent set-up: the project-local venv with the pinned torch (libtorch for tch), and the
 # Debian packages the build needs. Takes seconds when everything is already in place.
-# Source-able: after `source launch/setup.sh` the build environment is exported.
+# Source-able: after `source launch/setup.sh` the build environment is exported, and the caller's
+# shell options are left as they were.
+_gfn_saved_options="$(set +o)"
 set -euo pipefail
 
 GFN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCH_VERSION="2.11.0"
 VENV="${GFN_VENV:-$GFN_ROOT/.venv}"
 APT_PACKAGES=(libclang-dev libopenmpi-dev openmpi-bin pkg-config)
+# Debian's python3 needs python3-venv for `python3 -m venv`.
+python3 -c 'import ensurepip' 2>/dev/null || APT_PACKAGES+=(python3-venv)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -28,7 +32,7 @@ if ((${#missing_apt[@]})); then
   fi
 fi
 
-venv_torch() { "$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true; }
+venv_torch() { "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch").split("+")[0])' 2>/dev/null || true; }
 if [ "$(venv_torch)" != "$TORCH_VERSION" ]; then
   log "creating $VENV with torch==$TORCH_VERSION (about a minute, 4.7 GB)"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -45,3 +49,5 @@ fi
 export LIBTORCH_USE_PYTORCH=1
 export PATH="$VENV/bin:$PATH"
 export GFN_ROOT
+eval "$_gfn_saved_options"
+unset _gfn_saved_options

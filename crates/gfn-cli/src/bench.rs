@@ -70,7 +70,13 @@ pub fn run(plan: &BenchPlan) -> Result<Vec<BenchRow>> {
                     sample_ms: 1e3 * sample_s / steps as f64,
                     update_ms: 1e3 * update_s / steps as f64,
                 };
-                tracing::info!("{} batch {} {}: {:.1} steps/s", row.grid, row.batch, row.loss, row.steps_per_s);
+                tracing::info!(
+                    "{} batch {} {}: {:.1} steps/s",
+                    row.grid,
+                    row.batch,
+                    row.loss,
+                    row.steps_per_s
+                );
                 rows.push(row);
             }
         }

@@ -41,7 +41,15 @@ pub struct EnvSection {
 
 impl Default for EnvSection {
     fn default() -> Self {
-        EnvSection { name: "hypergrid".into(), dim: 4, height: 8, preset: RewardPreset::Standard, r0: None, r1: None, r2: None }
+        EnvSection {
+            name: "hypergrid".into(),
+            dim: 4,
+            height: 8,
+            preset: RewardPreset::Standard,
+            r0: None,
+            r1: None,
+            r2: None,
+        }
     }
 }
 
@@ -65,7 +73,12 @@ pub struct ModelSection {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { architecture: ArchitectureName::Mlp, hidden: 256, layers: 2, backward: BackwardPolicy::Learned }
+        ModelSection {
+            architecture: ArchitectureName::Mlp,
+            hidden: 256,
+            layers: 2,
+            backward: BackwardPolicy::Learned,
+        }
     }
 }
 
@@ -80,7 +93,12 @@ pub struct LossSection {
 
 impl Default for LossSection {
     fn default() -> Self {
-        LossSection { name: LossKind::Tb, log_reward_clip_min: f64::NEG_INFINITY, subtb_lambda: 0.9, subtb_weighting: SubTbWeighting::GeometricWithin }
+        LossSection {
+            name: LossKind::Tb,
+            log_reward_clip_min: f64::NEG_INFINITY,
+            subtb_lambda: 0.9,
+            subtb_weighting: SubTbWeighting::GeometricWithin,
+        }
     }
 }
 
@@ -98,7 +116,15 @@ pub struct OptimSection {
 
 impl Default for OptimSection {
     fn default() -> Self {
-        OptimSection { name: OptimizerKind::Adam, lr: 1e-3, lr_log_z: 0.1, weight_decay: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        OptimSection {
+            name: OptimizerKind::Adam,
+            lr: 1e-3,
+            lr_log_z: 0.1,
+            weight_decay: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
     }
 }
 
@@ -116,7 +142,13 @@ pub struct SamplingSection {
 
 impl Default for SamplingSection {
     fn default() -> Self {
-        SamplingSection { batch_size: 16, epsilon: 0.0, epsilon_end: None, epsilon_decay_steps: 0, temperature: 1.0 }
+        SamplingSection {
+            batch_size: 16,
+            epsilon: 0.0,
+            epsilon_end: None,
+            epsilon_decay_steps: 0,
+            temperature: 1.0,
+        }
     }
 }
 
@@ -132,7 +164,11 @@ pub struct ReplaySection {
 
 impl Default for ReplaySection {
     fn default() -> Self {
-        ReplaySection { capacity: 0, policy: ReplayPolicy::Uniform, ratio: 0.5 }
+        ReplaySection {
+            capacity: 0,
+            policy: ReplayPolicy::Uniform,
+            ratio: 0.5,
+        }
     }
 }
 
@@ -155,21 +191,38 @@ pub struct TrainSection {
 
 impl Default for TrainSection {
     fn default() -> Self {
-        TrainSection { steps: 5000, seed: 0, device: "auto".into(), threads: 0, validate_every: 500, eval_samples: 200_000, checkpoint_every: 1000 }
+        TrainSection {
+            steps: 5000,
+            seed: 0,
+            device: "auto".into(),
+            threads: 0,
+            validate_every: 500,
+            eval_samples: 200_000,
+            checkpoint_every: 1000,
+        }
     }
 }
 
 impl Config {
     /// Parses TOML text, naming the offending key on error.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        let value: toml::Value = toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.message()))?;
+        let value: toml::Value =
+            toml::from_str(text).map_err(|e| anyhow!("{origin}: {}", e.message()))?;
         Self::from_value(value, origin)
     }
 
     fn from_value(value: toml::Value, origin: &str) -> Result<Self> {
         serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            anyhow!("{origin}: {} {}", if path == "." { "config".into() } else { format!("`{path}`:") }, e.into_inner())
+            anyhow!(
+                "{origin}: {} {}",
+                if path == "." {
+                    "config".into()
+                } else {
+                    format!("`{path}`:")
+                },
+                e.into_inner()
+            )
         })
     }
 
@@ -178,7 +231,9 @@ impl Config {
     pub fn with_overrides(&self, overrides: &[String]) -> Result<Self> {
         let mut root = toml::Value::try_from(self).context("serialising the configuration")?;
         for item in overrides {
-            let (key, raw) = item.split_once('=').ok_or_else(|| anyhow!("--set {item:?}: expected key=value, e.g. loss.name=db"))?;
+            let (key, raw) = item
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--set {item:?}: expected key=value, e.g. loss.name=db"))?;
             let key = key.trim();
             let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
                 .ok()
@@ -203,7 +258,10 @@ impl Config {
 
     pub fn env(&self) -> Result<HyperGridConfig> {
         if self.env.name != "hypergrid" {
-            bail!("invalid env.name = {:?}: the available environment is \"hypergrid\"", self.env.name);
+            bail!(
+                "invalid env.name = {:?}: the available environment is \"hypergrid\"",
+                self.env.name
+            );
         }
         let (r0, r1, r2) = self.env.preset.constants();
         Ok(HyperGridConfig {
@@ -218,7 +276,10 @@ impl Config {
     pub fn train_config(&self) -> Result<TrainConfig> {
         let m = &self.model;
         let architecture = match m.architecture {
-            ArchitectureName::Mlp => Architecture::Mlp { hidden: m.hidden, layers: m.layers },
+            ArchitectureName::Mlp => Architecture::Mlp {
+                hidden: m.hidden,
+                layers: m.layers,
+            },
             ArchitectureName::Tabular => Architecture::Tabular,
         };
         let o = &self.optim;
@@ -232,11 +293,27 @@ impl Config {
                 subtb_lambda: self.loss.subtb_lambda,
                 subtb_weighting: self.loss.subtb_weighting,
             },
-            optimizer: OptimizerConfig { kind: o.name, lr: o.lr, lr_log_z: o.lr_log_z, weight_decay: o.weight_decay, beta1: o.beta1, beta2: o.beta2, eps: o.eps },
+            optimizer: OptimizerConfig {
+                kind: o.name,
+                lr: o.lr,
+                lr_log_z: o.lr_log_z,
+                weight_decay: o.weight_decay,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                eps: o.eps,
+            },
             batch_size: s.batch_size,
-            epsilon: EpsilonSchedule { start: s.epsilon, end: s.epsilon_end.unwrap_or(s.epsilon), decay_steps: s.epsilon_decay_steps },
+            epsilon: EpsilonSchedule {
+                start: s.epsilon,
+                end: s.epsilon_end.unwrap_or(s.epsilon),
+                decay_steps: s.epsilon_decay_steps,
+            },
             temperature: s.temperature,
-            replay: ReplayConfig { capacity: self.replay.capacity, policy: self.replay.policy, ratio: self.replay.ratio },
+            replay: ReplayConfig {
+                capacity: self.replay.capacity,
+                policy: self.replay.policy,
+                ratio: self.replay.ratio,
+            },
             seed: self.train.seed,
         };
         config.validate()?;
@@ -274,7 +351,12 @@ mod tests {
     #[test]
     fn overrides_reach_every_section_and_keep_types() {
         let c = Config::default()
-            .with_overrides(&["loss.name=subtb".into(), "env.height=16".into(), "env.preset=easy".into(), "optim.lr=3e-4".into()])
+            .with_overrides(&[
+                "loss.name=subtb".into(),
+                "env.height=16".into(),
+                "env.preset=easy".into(),
+                "optim.lr=3e-4".into(),
+            ])
             .unwrap();
         assert_eq!(c.loss.name, LossKind::Subtb);
         assert_eq!(c.env.height, 16);
@@ -284,19 +366,54 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_values_are_named() {
-        let err = Config::from_toml("[env]\nhieght = 3\n", "f.toml").unwrap_err().to_string();
+        let err = Config::from_toml("[env]\nhieght = 3\n", "f.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("hieght"), "{err}");
-        let err = Config::default().with_overrides(&["loss.name=foo".into()]).unwrap_err().to_string();
+        let err = Config::default()
+            .with_overrides(&["loss.name=foo".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("loss.name") && err.contains("foo"), "{err}");
-        let err = Config::default().with_overrides(&["nope.x=1".into()]).unwrap_err().to_string();
+        let err = Config::default()
+            .with_overrides(&["nope.x=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope"), "{err}");
-        let err = Config::default().with_overrides(&["sampling.batch_size=0".into()]).unwrap().train_config().unwrap_err().to_string();
+        let err = Config::default()
+            .with_overrides(&["sampling.batch_size=0".into()])
+            .unwrap()
+            .train_config()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sampling.batch_size = 0"), "{err}");
     }
 
     #[test]
+    fn every_shipped_config_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let config = Config::from_toml(
+                    &std::fs::read_to_string(&path).unwrap(),
+                    &path.display().to_string(),
+                )
+                .unwrap();
+                config.env().unwrap();
+                config.train_config().unwrap();
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "configs/ holds {seen} TOML files");
+    }
+
+    #[test]
     fn the_toml_round_trip_is_lossless() {
-        let c = Config::default().with_overrides(&["replay.capacity=100".into()]).unwrap();
+        let c = Config::default()
+            .with_overrides(&["replay.capacity=100".into()])
+            .unwrap();
         assert_eq!(Config::from_toml(&c.to_toml(), "x").unwrap(), c);
     }
 }

@@ -17,23 +17,45 @@ pub struct Progress {
 impl Progress {
     pub fn new(start: u64, total: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
+            let bar =
+                ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
             bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"),
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
             );
             bar.set_position(start);
             bar
         });
-        Progress { bar, total, last_line: Instant::now() }
+        Progress {
+            bar,
+            total,
+            last_line: Instant::now(),
+        }
     }
 
-    pub fn step(&mut self, step: u64, trajectories: u64, loss: f64, steps_per_s: f64, eval: Option<&Evaluation>) {
-        let eval_part = eval.map_or(String::new(), |e| format!(" exact_tv {:.4} modes {}/{}", e.distribution.exact_tv, e.modes_found, e.n_modes));
+    pub fn step(
+        &mut self,
+        step: u64,
+        trajectories: u64,
+        loss: f64,
+        steps_per_s: f64,
+        eval: Option<&Evaluation>,
+    ) {
+        let eval_part = eval.map_or(String::new(), |e| {
+            format!(
+                " exact_tv {:.4} modes {}/{}",
+                e.distribution.exact_tv, e.modes_found, e.n_modes
+            )
+        });
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step);
                 if step % 16 == 0 || step == self.total {
-                    bar.set_message(format!("loss {loss:.4} {steps_per_s:.0} steps/s{eval_part}"));
+                    bar.set_message(format!(
+                        "loss {loss:.4} {steps_per_s:.0} steps/s{eval_part}"
+                    ));
                 }
             }
             None if self.last_line.elapsed() >= LOG_INTERVAL => {

@@ -72,21 +72,32 @@ pub fn build_state(config: &Config, out: &Path, resume: bool) -> Result<TrainSta
 }
 
 pub fn prepare_out_dir(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create --out {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create --out {}", out.display()))?;
     let probe = out.join(".write-test");
-    std::fs::write(&probe, b"").with_context(|| format!("--out {} is not writable", out.display()))?;
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("--out {} is not writable", out.display()))?;
     std::fs::remove_file(probe)?;
     Ok(())
 }
 
 pub fn train(request: TrainRequest) -> Result<Summary> {
-    let TrainRequest { config, out, resume } = request;
+    let TrainRequest {
+        config,
+        out,
+        resume,
+    } = request;
     prepare_out_dir(&out)?;
     let mut state = build_state(&config, &out, resume)?;
-    std::fs::write(out.join(CONFIG_FILE), config.to_toml()).with_context(|| format!("writing {}", out.join(CONFIG_FILE).display()))?;
+    std::fs::write(out.join(CONFIG_FILE), config.to_toml())
+        .with_context(|| format!("writing {}", out.join(CONFIG_FILE).display()))?;
     let total = config.train.steps;
     if state.step > total {
-        bail!("invalid train.steps = {total}: the checkpoint in {} is already at step {}", out.display(), state.step);
+        bail!(
+            "invalid train.steps = {total}: the checkpoint in {} is already at step {}",
+            out.display(),
+            state.step
+        );
     }
     let device = format!("{:?}", state.estimators.device()).to_lowercase();
     tracing::info!(
@@ -99,12 +110,21 @@ pub fn train(request: TrainRequest) -> Result<Summary> {
         "training from step {} to {total}",
         state.step
     );
-    let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(out.join(METRICS_FILE))?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join(METRICS_FILE))?;
     let started = Instant::now();
     let mut train_time = 0.0;
     let first_step = state.step;
     let mut progress = Progress::new(first_step, total);
-    let mut last = StepMetrics { loss: f64::NAN, batch_trajectories: 0, mean_log_reward: f64::NAN, mean_length: f64::NAN, epsilon: state.epsilon() };
+    let mut last = StepMetrics {
+        loss: f64::NAN,
+        batch_trajectories: 0,
+        mean_log_reward: f64::NAN,
+        mean_length: f64::NAN,
+        epsilon: state.epsilon(),
+    };
     let mut last_eval = None;
     let mut reducer = NoReduction;
     let due = |every: u64, step: u64| every > 0 && step % every == 0;
@@ -115,7 +135,14 @@ pub fn train(request: TrainRequest) -> Result<Summary> {
         let steps_per_s = (state.step - first_step) as f64 / train_time;
         if due(config.train.validate_every, state.step) || state.step == total {
             let eval = state.evaluate(config.train.eval_samples)?;
-            let line = MetricsLine { step: state.step, trajectories: state.trajectories, wall_s: started.elapsed().as_secs_f64(), steps_per_s, train: &last, eval: &eval };
+            let line = MetricsLine {
+                step: state.step,
+                trajectories: state.trajectories,
+                wall_s: started.elapsed().as_secs_f64(),
+                steps_per_s,
+                train: &last,
+                eval: &eval,
+            };
             writeln!(metrics_file, "{}", serde_json::to_string(&line)?)?;
             progress.evaluation(state.step, &eval);
             last_eval = Some(eval);
@@ -123,7 +150,13 @@ pub fn train(request: TrainRequest) -> Result<Summary> {
         if due(config.train.checkpoint_every, state.step) || state.step == total {
             checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
         }
-        progress.step(state.step, state.trajectories, last.loss, steps_per_s, last_eval.as_ref());
+        progress.step(
+            state.step,
+            state.trajectories,
+            last.loss,
+            steps_per_s,
+            last_eval.as_ref(),
+        );
     }
     progress.finish();
     // A run with nothing left to do (e.g. resumed at its last step) still reports and saves.
@@ -150,10 +183,17 @@ pub fn train(request: TrainRequest) -> Result<Summary> {
         steps: state.step,
         trajectories: state.trajectories,
         wall_s: started.elapsed().as_secs_f64(),
-        steps_per_s: if train_time > 0.0 { (state.step - first_step) as f64 / train_time } else { 0.0 },
+        steps_per_s: if train_time > 0.0 {
+            (state.step - first_step) as f64 / train_time
+        } else {
+            0.0
+        },
         device,
     };
-    std::fs::write(out.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary)? + "\n")?;
+    std::fs::write(
+        out.join(SUMMARY_FILE),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
     Ok(summary)
 }
 
@@ -173,7 +213,11 @@ pub fn summary_table(summary: &Summary) -> String {
         })
         .collect();
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    let mut out = format!("{:<width$}  value\n{}  -----\n", "metric", "-".repeat(width));
+    let mut out = format!(
+        "{:<width$}  value\n{}  -----\n",
+        "metric",
+        "-".repeat(width)
+    );
     for (k, v) in rows {
         out += &format!("{k:<width$}  {v}\n");
     }

@@ -5,7 +5,11 @@ use std::process::{Command, Output};
 use tch::Tensor;
 
 fn gfn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gfn")).args(args).env("RUST_LOG", "warn").output().expect("gfn runs")
+    Command::new(env!("CARGO_BIN_EXE_gfn"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("gfn runs")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -16,10 +20,28 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A small, fast setting that still exercises replay and an ε schedule.
 const SMALL: &[&str] = &[
-    "--set", "env.dim=2", "--set", "env.height=6", "--set", "model.hidden=32",
-    "--set", "replay.capacity=64", "--set", "sampling.epsilon=0.2", "--set", "sampling.epsilon_end=0.0",
-    "--set", "sampling.epsilon_decay_steps=30", "--set", "train.eval_samples=2000",
-    "--set", "train.validate_every=10", "--set", "train.checkpoint_every=10", "--device", "cpu",
+    "--set",
+    "env.dim=2",
+    "--set",
+    "env.height=6",
+    "--set",
+    "model.hidden=32",
+    "--set",
+    "replay.capacity=64",
+    "--set",
+    "sampling.epsilon=0.2",
+    "--set",
+    "sampling.epsilon_end=0.0",
+    "--set",
+    "sampling.epsilon_decay_steps=30",
+    "--set",
+    "train.eval_samples=2000",
+    "--set",
+    "train.validate_every=10",
+    "--set",
+    "train.checkpoint_every=10",
+    "--device",
+    "cpu",
 ];
 
 fn train(out: &Path, steps: u64, extra: &[&str]) -> Output {
@@ -40,17 +62,44 @@ fn params(dir: &Path) -> Vec<f32> {
 fn a_run_writes_metrics_checkpoint_and_summary() {
     let out = scratch("run");
     let result = train(&out, 20, &[]);
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(stdout.contains("exact_tv") && stdout.contains("modes_found"), "{stdout}");
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    for key in ["loss", "l1", "tv", "kl", "exact_tv", "exact_kl", "modes_found", "n_modes", "log_z", "true_log_z", "steps", "trajectories", "wall_s", "steps_per_s"] {
+    assert!(
+        stdout.contains("exact_tv") && stdout.contains("modes_found"),
+        "{stdout}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "loss",
+        "l1",
+        "tv",
+        "kl",
+        "exact_tv",
+        "exact_kl",
+        "modes_found",
+        "n_modes",
+        "log_z",
+        "true_log_z",
+        "steps",
+        "trajectories",
+        "wall_s",
+        "steps_per_s",
+    ] {
         assert!(summary.get(key).is_some(), "summary.json lacks {key}");
     }
     assert_eq!(summary["steps"], 20);
     assert_eq!(summary["trajectories"], 320);
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    assert_eq!(lines.lines().count(), 2, "one line per evaluation (steps 10 and 20)");
+    assert_eq!(
+        lines.lines().count(),
+        2,
+        "one line per evaluation (steps 10 and 20)"
+    );
     let _ = std::fs::remove_dir_all(out);
 }
 
@@ -60,10 +109,26 @@ fn a_resumed_run_matches_an_uninterrupted_one_bitwise() {
     let split = scratch("split");
     assert!(train(&whole, 40, &[]).status.success());
     assert!(train(&split, 20, &[]).status.success());
-    let resumed = gfn(&["train", "--resume", split.to_str().unwrap(), "--set", "train.steps=40"]);
-    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-    assert_eq!(params(&whole), params(&split), "parameters after 40 steps differ");
-    let summary = |d: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap() };
+    let resumed = gfn(&[
+        "train",
+        "--resume",
+        split.to_str().unwrap(),
+        "--set",
+        "train.steps=40",
+    ]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        params(&whole),
+        params(&split),
+        "parameters after 40 steps differ"
+    );
+    let summary = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap()
+    };
     for key in ["loss", "exact_tv", "modes_found", "trajectories", "log_z"] {
         assert_eq!(summary(&whole)[key], summary(&split)[key], "{key}");
     }
@@ -73,9 +138,15 @@ fn a_resumed_run_matches_an_uninterrupted_one_bitwise() {
 
 fn assert_clean_error(output: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure, got success: {stderr}");
+    assert!(
+        !output.status.success(),
+        "expected failure, got success: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in {stderr:?}"));
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in {stderr:?}"));
     for needle in needles {
         assert!(line.contains(needle), "{needle:?} not in {line:?}");
     }
@@ -91,7 +162,10 @@ fn bad_input_gets_a_one_line_error_naming_field_and_value() {
         (&["--set", "env.r0=0"], &["env.r0", "0"]),
         (&["--set", "env.r0=-1"], &["env.r0", "-1"]),
         (&["--set", "loss.name=foo"], &["loss.name", "foo"]),
-        (&["--set", "sampling.batch_size=0"], &["sampling.batch_size", "0"]),
+        (
+            &["--set", "sampling.batch_size=0"],
+            &["sampling.batch_size", "0"],
+        ),
         (&["--set", "env.hieght=3"], &["hieght"]),
         (&["--set", "optim.lr=-1"], &["optim.lr", "-1"]),
         (&["--device", "tpu"], &["train.device", "tpu"]),
@@ -103,24 +177,42 @@ fn bad_input_gets_a_one_line_error_naming_field_and_value() {
     }
     let config = out.with_extension("toml");
     std::fs::write(&config, "[loss]\nname = \"tb\"\nlamda = 0.9\n").unwrap();
-    assert_clean_error(&gfn(&["train", "--out", o, "--config", config.to_str().unwrap()]), &["lamda"]);
+    assert_clean_error(
+        &gfn(&["train", "--out", o, "--config", config.to_str().unwrap()]),
+        &["lamda"],
+    );
     let _ = std::fs::remove_file(config);
 }
 
 #[test]
 fn checkpoint_and_output_problems_are_reported() {
     let missing = scratch("missing");
-    assert_clean_error(&gfn(&["train", "--resume", missing.to_str().unwrap()]), &[missing.to_str().unwrap()]);
+    assert_clean_error(
+        &gfn(&["train", "--resume", missing.to_str().unwrap()]),
+        &[missing.to_str().unwrap()],
+    );
 
     let corrupt = scratch("corrupt");
     assert!(train(&corrupt, 10, &[]).status.success());
     std::fs::write(corrupt.join("checkpoint.pt"), b"not a checkpoint").unwrap();
-    assert_clean_error(&gfn(&["train", "--resume", corrupt.to_str().unwrap(), "--set", "train.steps=20"]), &["checkpoint.pt", "corrupt"]);
+    assert_clean_error(
+        &gfn(&[
+            "train",
+            "--resume",
+            corrupt.to_str().unwrap(),
+            "--set",
+            "train.steps=20",
+        ]),
+        &["checkpoint.pt", "corrupt"],
+    );
 
     let file = scratch("file");
     std::fs::write(&file, b"").unwrap();
     let unwritable = file.join("run");
-    assert_clean_error(&train(&unwritable, 10, &[]), &["--out", unwritable.to_str().unwrap()]);
+    assert_clean_error(
+        &train(&unwritable, 10, &[]),
+        &["--out", unwritable.to_str().unwrap()],
+    );
     let _ = std::fs::remove_dir_all(corrupt);
     let _ = std::fs::remove_file(file);
 }

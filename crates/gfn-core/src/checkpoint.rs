@@ -29,7 +29,10 @@ struct Metadata {
 }
 
 fn checkpoint_error(path: &Path, reason: impl std::fmt::Display) -> Error {
-    Error::Checkpoint { path: path.display().to_string(), reason: reason.to_string() }
+    Error::Checkpoint {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 pub fn save(state: &TrainState, path: &Path) -> Result<()> {
@@ -65,28 +68,62 @@ pub fn load(state: &mut TrainState, path: &Path) -> Result<()> {
     if !path.exists() {
         return Err(checkpoint_error(path, "no such file"));
     }
-    let tensors = Tensor::load_multi(path).map_err(|e| checkpoint_error(path, format!("unreadable or corrupt ({e})")))?;
+    let tensors = Tensor::load_multi(path)
+        .map_err(|e| checkpoint_error(path, format!("unreadable or corrupt ({e})")))?;
     let get = |name: &str| {
-        tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).ok_or_else(|| checkpoint_error(path, format!("missing tensor `{name}`")))
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
+            .ok_or_else(|| checkpoint_error(path, format!("missing tensor `{name}`")))
     };
     let meta_bytes = get("meta")?;
-    let meta_bytes = Vec::<u8>::try_from(meta_bytes.to_kind(Kind::Uint8)).map_err(|e| checkpoint_error(path, e))?;
-    let meta: Metadata = serde_json::from_slice(&meta_bytes).map_err(|e| checkpoint_error(path, format!("corrupt metadata ({e})")))?;
+    let meta_bytes = Vec::<u8>::try_from(meta_bytes.to_kind(Kind::Uint8))
+        .map_err(|e| checkpoint_error(path, e))?;
+    let meta: Metadata = serde_json::from_slice(&meta_bytes)
+        .map_err(|e| checkpoint_error(path, format!("corrupt metadata ({e})")))?;
     if meta.format != FORMAT_VERSION {
-        return Err(checkpoint_error(path, format!("format {} is not the supported {FORMAT_VERSION}", meta.format)));
+        return Err(checkpoint_error(
+            path,
+            format!(
+                "format {} is not the supported {FORMAT_VERSION}",
+                meta.format
+            ),
+        ));
     }
     let n = state.estimators.params.len();
     if meta.n_params != n {
-        return Err(checkpoint_error(path, format!("holds {} parameters, this configuration has {n}", meta.n_params)));
+        return Err(checkpoint_error(
+            path,
+            format!(
+                "holds {} parameters, this configuration has {n}",
+                meta.n_params
+            ),
+        ));
     }
     let (params, exp_avg, exp_avg_sq) = (get("params")?, get("exp_avg")?, get("exp_avg_sq")?);
-    for (name, t) in [("params", &params), ("exp_avg", &exp_avg), ("exp_avg_sq", &exp_avg_sq)] {
+    for (name, t) in [
+        ("params", &params),
+        ("exp_avg", &exp_avg),
+        ("exp_avg_sq", &exp_avg_sq),
+    ] {
         if t.size() != [n as i64] || t.kind() != Kind::Float {
-            return Err(checkpoint_error(path, format!("tensor `{name}` has shape {:?} and kind {:?}", t.size(), t.kind())));
+            return Err(checkpoint_error(
+                path,
+                format!(
+                    "tensor `{name}` has shape {:?} and kind {:?}",
+                    t.size(),
+                    t.kind()
+                ),
+            ));
         }
     }
-    let word_pos: u128 = meta.rng_word_pos.parse().map_err(|_| checkpoint_error(path, "corrupt RNG position"))?;
-    let modes = ModeTracker::restore(state.truth.n_states, &meta.modes_found).ok_or_else(|| checkpoint_error(path, "mode index out of range"))?;
+    let word_pos: u128 = meta
+        .rng_word_pos
+        .parse()
+        .map_err(|_| checkpoint_error(path, "corrupt RNG position"))?;
+    let modes = ModeTracker::restore(state.truth.n_states, &meta.modes_found)
+        .ok_or_else(|| checkpoint_error(path, "mode index out of range"))?;
 
     state.estimators.params.copy_from(&params);
     let device = state.estimators.device();

@@ -4,8 +4,14 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("invalid {field} = {value}: {reason}")]
-    InvalidConfig { field: &'static str, value: String, reason: String },
-    #[error("environment has {n_states} states, more than the {limit} that exact evaluation enumerates")]
+    InvalidConfig {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "environment has {n_states} states, more than the {limit} that exact evaluation enumerates"
+    )]
     TooLargeToEnumerate { n_states: u128, limit: usize },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
@@ -18,7 +24,15 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn invalid(field: &'static str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig { field, value: value.to_string(), reason: reason.into() }
+    pub fn invalid(
+        field: &'static str,
+        value: impl std::fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::InvalidConfig {
+            field,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
     }
 }

@@ -43,10 +43,21 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(b: &mut ParamStoreBuilder, name: &str, input: usize, output: usize, rng: &mut impl Rng) -> Self {
+    fn new(
+        b: &mut ParamStoreBuilder,
+        name: &str,
+        input: usize,
+        output: usize,
+        rng: &mut impl Rng,
+    ) -> Self {
         // PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         let bound = 1.0 / (input as f32).sqrt();
-        let weight = b.add_uniform(&format!("{name}.weight"), &[input as i64, output as i64], bound, rng);
+        let weight = b.add_uniform(
+            &format!("{name}.weight"),
+            &[input as i64, output as i64],
+            bound,
+            rng,
+        );
         let bias = b.add_uniform(&format!("{name}.bias"), &[output as i64], bound, rng);
         Linear { weight, bias }
     }
@@ -87,24 +98,53 @@ pub struct Estimators {
 }
 
 impl Estimators {
-    pub fn new(env: &dyn Environment, config: EstimatorConfig, device: Device, rng: &mut impl Rng) -> Result<Self> {
+    pub fn new(
+        env: &dyn Environment,
+        config: EstimatorConfig,
+        device: Device,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
         let mut b = ParamStoreBuilder::default();
         let mut trunks = Vec::new();
         let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
-        let head = |b: &mut ParamStoreBuilder, trunks: &mut Vec<Vec<Linear>>, name: &str, outputs: usize, trunk: Option<usize>, rng: &mut _| -> Result<Head> {
+        let head = |b: &mut ParamStoreBuilder,
+                    trunks: &mut Vec<Vec<Linear>>,
+                    name: &str,
+                    outputs: usize,
+                    trunk: Option<usize>,
+                    rng: &mut _|
+         -> Result<Head> {
             Ok(match config.architecture {
                 Architecture::Tabular => {
-                    let n = env.n_states().filter(|&n| n <= crate::truth::MAX_ENUMERATED_STATES).ok_or_else(|| {
-                        Error::invalid("model.architecture", "tabular", "needs an environment small enough to enumerate")
-                    })?;
-                    Head::Table(b.add(&format!("{name}.table"), &[n as i64, outputs as i64], ParamGroup::Network, || 0.0))
+                    let n = env
+                        .n_states()
+                        .filter(|&n| n <= crate::truth::MAX_ENUMERATED_STATES)
+                        .ok_or_else(|| {
+                            Error::invalid(
+                                "model.architecture",
+                                "tabular",
+                                "needs an environment small enough to enumerate",
+                            )
+                        })?;
+                    Head::Table(b.add(
+                        &format!("{name}.table"),
+                        &[n as i64, outputs as i64],
+                        ParamGroup::Network,
+                        || 0.0,
+                    ))
                 }
                 Architecture::Mlp { hidden, layers } => {
                     let trunk = trunk.unwrap_or_else(|| {
                         let mut input = env.encoding_dim();
                         let layers = (0..layers)
                             .map(|i| {
-                                let l = Linear::new(b, &format!("{name}.trunk.{i}"), input, hidden, rng);
+                                let l = Linear::new(
+                                    b,
+                                    &format!("{name}.trunk.{i}"),
+                                    input,
+                                    hidden,
+                                    rng,
+                                );
                                 input = hidden;
                                 l
                             })
@@ -112,8 +152,15 @@ impl Estimators {
                         trunks.push(layers);
                         trunks.len() - 1
                     });
-                    let width = if layers == 0 { env.encoding_dim() } else { hidden };
-                    Head::Mlp { trunk, out: Linear::new(b, &format!("{name}.head"), width, outputs, rng) }
+                    let width = if layers == 0 {
+                        env.encoding_dim()
+                    } else {
+                        hidden
+                    };
+                    Head::Mlp {
+                        trunk,
+                        out: Linear::new(b, &format!("{name}.head"), width, outputs, rng),
+                    }
                 }
             })
         };
@@ -132,9 +179,23 @@ impl Estimators {
             BackwardPolicy::Learned => Some(head(&mut b, &mut trunks, "pb", n_back, None, rng)?),
             BackwardPolicy::Tied => Some(head(&mut b, &mut trunks, "pb", n_back, pf_trunk, rng)?),
         };
-        let log_flow = if config.log_flow { Some(head(&mut b, &mut trunks, "log_flow", 1, None, rng)?) } else { None };
-        let log_z = config.log_z.then(|| b.add("log_z", &[1], ParamGroup::LogZ, || 0.0));
-        Ok(Estimators { config, trunks, pf, pb, log_flow, log_z, params: b.build(device) })
+        let log_flow = if config.log_flow {
+            Some(head(&mut b, &mut trunks, "log_flow", 1, None, rng)?)
+        } else {
+            None
+        };
+        let log_z = config
+            .log_z
+            .then(|| b.add("log_z", &[1], ParamGroup::LogZ, || 0.0));
+        Ok(Estimators {
+            config,
+            trunks,
+            pf,
+            pb,
+            log_flow,
+            log_z,
+            params: b.build(device),
+        })
     }
 
     pub fn config(&self) -> &EstimatorConfig {
@@ -161,7 +222,10 @@ impl Estimators {
                 Tensor::from_slice(&encoded).view([n as i64, width as i64])
             }
             Architecture::Tabular => {
-                let idx: Vec<i64> = states.chunks_exact(env.state_dim()).map(|s| env.state_index(s) as i64).collect();
+                let idx: Vec<i64> = states
+                    .chunks_exact(env.state_dim())
+                    .map(|s| env.state_index(s) as i64)
+                    .collect();
                 Tensor::from_slice(&idx)
             }
         };
@@ -175,7 +239,9 @@ impl Estimators {
                 Head::Table(table) => p[*table].index_select(0, input),
                 Head::Mlp { trunk, out } => {
                     let hidden = trunk_out[*trunk].get_or_insert_with(|| {
-                        self.trunks[*trunk].iter().fold(input.shallow_clone(), |x, l| l.forward(p, &x).relu())
+                        self.trunks[*trunk]
+                            .iter()
+                            .fold(input.shallow_clone(), |x, l| l.forward(p, &x).relu())
                     });
                     out.forward(p, hidden)
                 }
@@ -183,8 +249,16 @@ impl Estimators {
         };
         Outputs {
             pf_logits: wanted.pf.then(|| run(&self.pf)),
-            pb_logits: if wanted.pb { self.pb.as_ref().map(&mut run) } else { None },
-            log_flow: if wanted.log_flow { self.log_flow.as_ref().map(|h| run(h).squeeze_dim(1)) } else { None },
+            pb_logits: if wanted.pb {
+                self.pb.as_ref().map(&mut run)
+            } else {
+                None
+            },
+            log_flow: if wanted.log_flow {
+                self.log_flow.as_ref().map(|h| run(h).squeeze_dim(1))
+            } else {
+                None
+            },
         }
     }
 
@@ -195,8 +269,17 @@ impl Estimators {
     /// Forward logits for a batch of states, without autograd (sampling, evaluation).
     pub fn pf_logits_no_grad(&self, input: &Tensor) -> Tensor {
         tch::no_grad(|| {
-            let p = self.params.detached_views();
-            self.forward(&p, input, Wanted { pf: true, ..Default::default() }).pf_logits.expect("pf asked for")
+            let p = self.params.views();
+            self.forward(
+                &p,
+                input,
+                Wanted {
+                    pf: true,
+                    ..Default::default()
+                },
+            )
+            .pf_logits
+            .expect("pf asked for")
         })
     }
 }
@@ -207,8 +290,13 @@ pub const MASKED_LOGIT: f32 = -1e9;
 
 /// Additive mask (0 for allowed, [`MASKED_LOGIT`] for forbidden) as a tensor `[rows, width]`.
 pub fn additive_mask(mask: &[bool], width: usize, device: Device) -> Tensor {
-    let values: Vec<f32> = mask.iter().map(|&m| if m { 0.0 } else { MASKED_LOGIT }).collect();
-    Tensor::from_slice(&values).view([(mask.len() / width) as i64, width as i64]).to_device(device)
+    let values: Vec<f32> = mask
+        .iter()
+        .map(|&m| if m { 0.0 } else { MASKED_LOGIT })
+        .collect();
+    Tensor::from_slice(&values)
+        .view([(mask.len() / width) as i64, width as i64])
+        .to_device(device)
 }
 
 /// Log-probabilities from logits and an additive mask.

@@ -23,11 +23,17 @@ pub fn forward_policy_table(env: &dyn Environment, estimators: &Estimators) -> R
     let mut masks = vec![false; TABLE_CHUNK.min(n) * n_actions];
     for chunk in states.chunks(TABLE_CHUNK * d) {
         let rows = chunk.len() / d;
-        let logits = estimators.pf_logits_no_grad(&estimators.input(env, chunk)).to_device(Device::Cpu).to_kind(Kind::Float);
+        let logits = estimators
+            .pf_logits_no_grad(&estimators.input(env, chunk))
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float);
         let logits = Vec::<f32>::try_from(logits.contiguous().view([-1])).expect("f32 logits");
         let masks = &mut masks[..rows * n_actions];
         env.forward_masks(chunk, masks);
-        for (row, mask) in logits.chunks_exact(n_actions).zip(masks.chunks_exact(n_actions)) {
+        for (row, mask) in logits
+            .chunks_exact(n_actions)
+            .zip(masks.chunks_exact(n_actions))
+        {
             softmax_masked(row, mask, &mut table);
         }
     }
@@ -35,9 +41,19 @@ pub fn forward_policy_table(env: &dyn Environment, estimators: &Estimators) -> R
 }
 
 fn softmax_masked(logits: &[f32], mask: &[bool], out: &mut Vec<f64>) {
-    let max = logits.iter().zip(mask).filter(|(_, &m)| m).map(|(&l, _)| l as f64).fold(f64::NEG_INFINITY, f64::max);
+    let max = logits
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| m)
+        .map(|(&l, _)| l as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
     let start = out.len();
-    out.extend(logits.iter().zip(mask).map(|(&l, &m)| if m { (l as f64 - max).exp() } else { 0.0 }));
+    out.extend(
+        logits
+            .iter()
+            .zip(mask)
+            .map(|(&l, &m)| if m { (l as f64 - max).exp() } else { 0.0 }),
+    );
     let total: f64 = out[start..].iter().sum();
     out[start..].iter_mut().for_each(|p| *p /= total);
 }
@@ -60,7 +76,11 @@ pub fn exact_terminating_distribution(env: &dyn Environment, policy: &[f64]) -> 
         let row = &policy[i * n_actions..(i + 1) * n_actions];
         terminate[i] = reach[i] * row[exit];
         env.state_from_index(i, &mut state);
-        for (a, &p) in row.iter().enumerate().filter(|&(a, &p)| a != exit && p > 0.0) {
+        for (a, &p) in row
+            .iter()
+            .enumerate()
+            .filter(|&(a, &p)| a != exit && p > 0.0)
+        {
             child.copy_from_slice(&state);
             env.step(&mut child, &[a]);
             reach[env.state_index(&child)] += reach[i] * p;
@@ -71,7 +91,12 @@ pub fn exact_terminating_distribution(env: &dyn Environment, policy: &[f64]) -> 
 
 /// Terminal-state counts of `n` trajectories sampled from `policy`. Equivalent in distribution
 /// to rolling out the network, at a table lookup per step.
-pub fn sample_terminal_counts(env: &dyn Environment, policy: &[f64], n: usize, rng: &mut impl Rng) -> Vec<u64> {
+pub fn sample_terminal_counts(
+    env: &dyn Environment,
+    policy: &[f64],
+    n: usize,
+    rng: &mut impl Rng,
+) -> Vec<u64> {
     let (d, n_actions, exit) = (env.state_dim(), env.n_actions(), env.exit_action());
     let mut counts = vec![0u64; policy.len() / n_actions];
     let mut state = vec![0i64; d];
@@ -84,7 +109,10 @@ pub fn sample_terminal_counts(env: &dyn Environment, policy: &[f64], n: usize, r
             let mut acc = 0.0;
             // Rounding can leave `u` past the last cumulative value: fall back to the last
             // action with probability mass.
-            let mut action = row.iter().rposition(|&p| p > 0.0).expect("every state allows an action");
+            let mut action = row
+                .iter()
+                .rposition(|&p| p > 0.0)
+                .expect("every state allows an action");
             for (a, &p) in row.iter().enumerate() {
                 acc += p;
                 if u < acc && p > 0.0 {
@@ -124,7 +152,11 @@ pub fn total_variation(p: &[f64], q: &[f64]) -> f64 {
 
 /// KL(p ‖ q) with q floored at `floor`.
 pub fn kl_divergence(p: &[f64], q: &[f64], floor: f64) -> f64 {
-    p.iter().zip(q).filter(|(&a, _)| a > 0.0).map(|(&a, &b)| a * (a / b.max(floor)).ln()).sum()
+    p.iter()
+        .zip(q)
+        .filter(|(&a, _)| a > 0.0)
+        .map(|(&a, &b)| a * (a / b.max(floor)).ln())
+        .sum()
 }
 
 pub fn jensen_shannon(p: &[f64], q: &[f64]) -> f64 {
@@ -133,11 +165,20 @@ pub fn jensen_shannon(p: &[f64], q: &[f64]) -> f64 {
 }
 
 /// All distribution metrics of the current forward policy against the truth.
-pub fn evaluate_policy(env: &dyn Environment, estimators: &Estimators, truth: &GroundTruth, n_samples: usize, rng: &mut impl Rng) -> Result<DistributionMetrics> {
+pub fn evaluate_policy(
+    env: &dyn Environment,
+    estimators: &Estimators,
+    truth: &GroundTruth,
+    n_samples: usize,
+    rng: &mut impl Rng,
+) -> Result<DistributionMetrics> {
     let policy = forward_policy_table(env, estimators)?;
     let exact = exact_terminating_distribution(env, &policy);
     let counts = sample_terminal_counts(env, &policy, n_samples, rng);
-    let empirical: Vec<f64> = counts.iter().map(|&c| c as f64 / n_samples.max(1) as f64).collect();
+    let empirical: Vec<f64> = counts
+        .iter()
+        .map(|&c| c as f64 / n_samples.max(1) as f64)
+        .collect();
     let pi = &truth.probabilities;
     let tv = total_variation(&empirical, pi);
     Ok(DistributionMetrics {
@@ -159,7 +200,10 @@ pub struct ModeTracker {
 
 impl ModeTracker {
     pub fn new(n_states: usize) -> Self {
-        ModeTracker { found: vec![false; n_states], count: 0 }
+        ModeTracker {
+            found: vec![false; n_states],
+            count: 0,
+        }
     }
 
     pub fn observe(&mut self, truth: &GroundTruth, terminal_states: impl Iterator<Item = usize>) {
@@ -202,7 +246,8 @@ mod tests {
         assert!((total_variation(&p, &q) - 0.5).abs() < 1e-12);
         assert!((kl_divergence(&p, &q, 0.0) - (2.0f64).ln()).abs() < 1e-12);
         // m = (3/8, 3/8, 1/4): JSD = ½ ln(4/3) + ½ (½ ln(2/3) + ½ ln 2).
-        let expected = 0.5 * (4.0f64 / 3.0).ln() + 0.5 * (0.5 * (2.0f64 / 3.0).ln() + 0.5 * 2.0f64.ln());
+        let expected =
+            0.5 * (4.0f64 / 3.0).ln() + 0.5 * (0.5 * (2.0f64 / 3.0).ln() + 0.5 * 2.0f64.ln());
         assert!((jensen_shannon(&p, &q) - expected).abs() < 1e-12);
     }
 }

@@ -1,6 +1,8 @@
-//! All trainable parameters live in one flat leaf tensor. Modules see them as views, so the
-//! gradient is one contiguous buffer: a single all-reduce in DDP, one optimizer update, one
-//! tensor to checkpoint.
+//! All trainable parameters share one flat storage tensor: every parameter is a leaf tensor that
+//! views its slice. The optimizer updates the flat tensor in a few ops, a checkpoint is one
+//! tensor, and the gradient is gathered into one contiguous buffer for a single all-reduce.
+//! (Leaves that *view* the storage, rather than views taken from one flat leaf inside the
+//! graph, keep backward from materialising a full-size gradient per parameter.)
 
 use rand::Rng;
 use tch::{Device, Kind, Tensor};
@@ -38,26 +40,64 @@ pub struct ParamStoreBuilder {
 
 impl ParamStoreBuilder {
     /// Adds a parameter filled with `init`.
-    pub fn add(&mut self, name: &str, shape: &[i64], group: ParamGroup, init: impl FnMut() -> f32) -> ParamId {
-        let spec = ParamSpec { name: name.to_string(), offset: self.values.len(), shape: shape.to_vec(), group };
-        self.values.extend(std::iter::repeat_with(init).take(spec.numel()));
+    pub fn add(
+        &mut self,
+        name: &str,
+        shape: &[i64],
+        group: ParamGroup,
+        init: impl FnMut() -> f32,
+    ) -> ParamId {
+        let spec = ParamSpec {
+            name: name.to_string(),
+            offset: self.values.len(),
+            shape: shape.to_vec(),
+            group,
+        };
+        self.values
+            .extend(std::iter::repeat_with(init).take(spec.numel()));
         self.specs.push(spec);
         ParamId(self.specs.len() - 1)
     }
 
     /// Adds a parameter drawn from U(-bound, bound).
-    pub fn add_uniform(&mut self, name: &str, shape: &[i64], bound: f32, rng: &mut impl Rng) -> ParamId {
-        self.add(name, shape, ParamGroup::Network, || rng.gen_range(-bound..=bound))
+    pub fn add_uniform(
+        &mut self,
+        name: &str,
+        shape: &[i64],
+        bound: f32,
+        rng: &mut impl Rng,
+    ) -> ParamId {
+        self.add(name, shape, ParamGroup::Network, || {
+            rng.gen_range(-bound..=bound)
+        })
     }
 
     pub fn build(self, device: Device) -> ParamStore {
-        let flat = Tensor::from_slice(&self.values).to_device(device).set_requires_grad(true);
-        ParamStore { flat, specs: self.specs, device }
+        let flat = Tensor::from_slice(&self.values).to_device(device);
+        let leaves = self
+            .specs
+            .iter()
+            .map(|s| {
+                flat.narrow(0, s.offset as i64, s.numel() as i64)
+                    .view(s.shape.as_slice())
+                    .detach()
+                    .set_requires_grad(true)
+            })
+            .collect();
+        ParamStore {
+            flat,
+            leaves,
+            specs: self.specs,
+            device,
+        }
     }
 }
 
 pub struct ParamStore {
+    /// Storage of every parameter; no autograd of its own.
     flat: Tensor,
+    /// One autograd leaf per parameter, viewing its slice of `flat`.
+    leaves: Vec<Tensor>,
     specs: Vec<ParamSpec>,
     device: Device,
 }
@@ -76,38 +116,37 @@ impl ParamStore {
         self.len() == 0
     }
 
-    /// The flat leaf tensor that owns every parameter.
+    /// The flat tensor that stores every parameter (update it only under `no_grad`).
     pub fn flat(&self) -> &Tensor {
         &self.flat
     }
 
-    /// Views that autograd traces back to the flat tensor (for the loss).
+    /// The parameters as autograd leaves.
     pub fn views(&self) -> ParamViews {
-        ParamViews(self.specs.iter().map(|s| self.view_of(&self.flat, s)).collect())
+        ParamViews(self.leaves.iter().map(|t| t.shallow_clone()).collect())
     }
 
-    /// Views that share storage but record no graph (for sampling and evaluation).
-    pub fn detached_views(&self) -> ParamViews {
-        let detached = self.flat.detach();
-        ParamViews(self.specs.iter().map(|s| self.view_of(&detached, s)).collect())
-    }
-
-    fn view_of(&self, base: &Tensor, spec: &ParamSpec) -> Tensor {
-        base.narrow(0, spec.offset as i64, spec.numel() as i64).view(spec.shape.as_slice())
-    }
-
-    /// The accumulated gradient as one flat tensor (zeros before the first backward).
+    /// The accumulated gradient gathered into one flat tensor (zeros where none accumulated).
     pub fn grad(&self) -> Tensor {
-        let grad = self.flat.grad();
-        if grad.defined() {
-            grad
-        } else {
-            self.flat.zeros_like()
-        }
+        let grads: Vec<Tensor> = self
+            .leaves
+            .iter()
+            .map(|leaf| {
+                let g = leaf.grad();
+                if g.defined() {
+                    g.view([-1])
+                } else {
+                    leaf.detach().zeros_like().view([-1])
+                }
+            })
+            .collect();
+        Tensor::cat(&grads, 0)
     }
 
     pub fn zero_grad(&mut self) {
-        self.flat.zero_grad();
+        for leaf in &mut self.leaves {
+            leaf.zero_grad();
+        }
     }
 
     /// A per-element tensor built from a per-group value (learning rates, weight decay).
@@ -121,11 +160,15 @@ impl ParamStore {
 
     /// Overwrites every parameter (checkpoint restore, broadcast from rank 0).
     pub fn copy_from(&mut self, values: &Tensor) {
-        tch::no_grad(|| self.flat.copy_(&values.to_kind(Kind::Float).to_device(self.device)));
+        tch::no_grad(|| {
+            self.flat
+                .copy_(&values.to_kind(Kind::Float).to_device(self.device))
+        });
     }
 
     pub fn to_vec(&self) -> Vec<f32> {
-        Vec::<f32>::try_from(self.flat.detach().to_device(Device::Cpu)).expect("flat parameters are f32")
+        Vec::<f32>::try_from(self.flat.detach().to_device(Device::Cpu))
+            .expect("flat parameters are f32")
     }
 }
 

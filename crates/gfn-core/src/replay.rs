@@ -33,7 +33,12 @@ pub struct ReplayBuffer {
 
 impl ReplayBuffer {
     pub fn new(capacity: usize, policy: ReplayPolicy) -> Self {
-        ReplayBuffer { capacity, policy, items: Vec::new(), next: 0 }
+        ReplayBuffer {
+            capacity,
+            policy,
+            items: Vec::new(),
+            next: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -77,9 +82,17 @@ impl ReplayBuffer {
         match self.policy {
             ReplayPolicy::Uniform => (0..k).for_each(|_| take(rng.gen_range(0..self.items.len()))),
             ReplayPolicy::Prioritized => {
-                let max = self.items.iter().map(|t| t.log_reward).fold(f32::NEG_INFINITY, f32::max);
-                let weights = self.items.iter().map(|t| ((t.log_reward - max) as f64).exp());
-                let dist = WeightedIndex::new(weights).expect("rewards relative to the max are positive");
+                let max = self
+                    .items
+                    .iter()
+                    .map(|t| t.log_reward)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let weights = self
+                    .items
+                    .iter()
+                    .map(|t| ((t.log_reward - max) as f64).exp());
+                let dist =
+                    WeightedIndex::new(weights).expect("rewards relative to the max are positive");
                 (0..k).for_each(|_| take(dist.sample(rng)));
             }
         }

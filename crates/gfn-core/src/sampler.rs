@@ -18,7 +18,10 @@ pub struct Exploration {
 }
 
 impl Exploration {
-    pub const ON_POLICY: Exploration = Exploration { epsilon: 0.0, temperature: 1.0 };
+    pub const ON_POLICY: Exploration = Exploration {
+        epsilon: 0.0,
+        temperature: 1.0,
+    };
 }
 
 /// ε as a function of the training step: constant, or linear from `start` to `end`.
@@ -42,20 +45,39 @@ impl EpsilonSchedule {
 
 /// Draws an action from `logits` restricted to `mask`, with exploration. Probabilities are
 /// formed in f64 so that tiny ε and peaked policies stay exact.
-pub fn choose_action(logits: &[f32], mask: &[bool], exploration: Exploration, rng: &mut impl Rng, scratch: &mut Vec<f64>) -> usize {
+pub fn choose_action(
+    logits: &[f32],
+    mask: &[bool],
+    exploration: Exploration,
+    rng: &mut impl Rng,
+    scratch: &mut Vec<f64>,
+) -> usize {
     let inv_t = 1.0 / exploration.temperature;
-    let max = logits.iter().zip(mask).filter(|(_, &m)| m).map(|(&l, _)| l as f64 * inv_t).fold(f64::NEG_INFINITY, f64::max);
+    let max = logits
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| m)
+        .map(|(&l, _)| l as f64 * inv_t)
+        .fold(f64::NEG_INFINITY, f64::max);
     scratch.clear();
     let mut total = 0.0;
     let mut n_allowed = 0usize;
     for (&l, &m) in logits.iter().zip(mask) {
-        let w = if m { ((l as f64) * inv_t - max).exp() } else { 0.0 };
+        let w = if m {
+            ((l as f64) * inv_t - max).exp()
+        } else {
+            0.0
+        };
         n_allowed += m as usize;
         total += w;
         scratch.push(w);
     }
     let eps = exploration.epsilon;
-    let uniform = if n_allowed > 0 { eps / n_allowed as f64 } else { 0.0 };
+    let uniform = if n_allowed > 0 {
+        eps / n_allowed as f64
+    } else {
+        0.0
+    };
     let u: f64 = rng.gen();
     let mut acc = 0.0;
     let mut last_allowed = 0;
@@ -101,7 +123,13 @@ pub fn rollout(
         stepping.clear();
         for (row, &i) in active.iter().enumerate() {
             let r = row * n_actions..(row + 1) * n_actions;
-            let a = choose_action(&logits[r.clone()], &masks[r], exploration, rng, &mut scratch);
+            let a = choose_action(
+                &logits[r.clone()],
+                &masks[r],
+                exploration,
+                rng,
+                &mut scratch,
+            );
             let state = &batch[row * d..(row + 1) * d];
             visited[i].extend_from_slice(state);
             taken[i].push(a);
@@ -125,7 +153,13 @@ pub fn rollout(
 }
 
 /// Rolls out `n` trajectories with the current forward policy (no autograd).
-pub fn sample_trajectories(env: &dyn Environment, estimators: &Estimators, n: usize, exploration: Exploration, rng: &mut impl Rng) -> Trajectories {
+pub fn sample_trajectories(
+    env: &dyn Environment,
+    estimators: &Estimators,
+    n: usize,
+    exploration: Exploration,
+    rng: &mut impl Rng,
+) -> Trajectories {
     rollout(env, n, exploration, rng, |states, logits| {
         let out = estimators.pf_logits_no_grad(&estimators.input(env, states));
         let out = out.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
@@ -144,7 +178,10 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let logits = [0.0f32, (3.0f32).ln(), 100.0, 0.0];
         let mask = [true, true, false, true];
-        let exploration = Exploration { epsilon: 0.3, temperature: 1.0 };
+        let exploration = Exploration {
+            epsilon: 0.3,
+            temperature: 1.0,
+        };
         let mut counts = [0usize; 4];
         let mut scratch = Vec::new();
         let n = 200_000;
@@ -155,7 +192,11 @@ mod tests {
         let expected = [0.7 * 0.2 + 0.1, 0.7 * 0.6 + 0.1, 0.0, 0.7 * 0.2 + 0.1];
         for a in 0..4 {
             let freq = counts[a] as f64 / n as f64;
-            assert!((freq - expected[a]).abs() < 0.005, "action {a}: {freq} vs {}", expected[a]);
+            assert!(
+                (freq - expected[a]).abs() < 0.005,
+                "action {a}: {freq} vs {}",
+                expected[a]
+            );
         }
     }
 
@@ -163,17 +204,26 @@ mod tests {
     fn temperature_flattens_the_policy() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let logits = [0.0f32, 2.0];
-        let hot = Exploration { epsilon: 0.0, temperature: 2.0 };
+        let hot = Exploration {
+            epsilon: 0.0,
+            temperature: 2.0,
+        };
         let mut scratch = Vec::new();
         let n = 100_000;
-        let ones = (0..n).filter(|_| choose_action(&logits, &[true, true], hot, &mut rng, &mut scratch) == 1).count();
+        let ones = (0..n)
+            .filter(|_| choose_action(&logits, &[true, true], hot, &mut rng, &mut scratch) == 1)
+            .count();
         let expected = 1.0f64.exp() / (1.0 + 1.0f64.exp());
         assert!((ones as f64 / n as f64 - expected).abs() < 0.006);
     }
 
     #[test]
     fn epsilon_schedule_is_linear_then_flat() {
-        let s = EpsilonSchedule { start: 0.5, end: 0.1, decay_steps: 100 };
+        let s = EpsilonSchedule {
+            start: 0.5,
+            end: 0.1,
+            decay_steps: 100,
+        };
         assert_eq!(s.at(0), 0.5);
         assert!((s.at(50) - 0.3).abs() < 1e-12);
         assert!((s.at(1000) - 0.1).abs() < 1e-12);

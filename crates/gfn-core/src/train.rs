@@ -42,18 +42,33 @@ pub struct TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
-            return Err(Error::invalid("sampling.batch_size", 0, "must be at least 1"));
+            return Err(Error::invalid(
+                "sampling.batch_size",
+                0,
+                "must be at least 1",
+            ));
         }
-        for (field, value) in [("sampling.epsilon", self.epsilon.start), ("sampling.epsilon_end", self.epsilon.end)] {
+        for (field, value) in [
+            ("sampling.epsilon", self.epsilon.start),
+            ("sampling.epsilon_end", self.epsilon.end),
+        ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(Error::invalid(field, value, "must be in [0, 1]"));
             }
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(Error::invalid("sampling.temperature", self.temperature, "must be > 0"));
+            return Err(Error::invalid(
+                "sampling.temperature",
+                self.temperature,
+                "must be > 0",
+            ));
         }
         if !(self.replay.ratio >= 0.0 && self.replay.ratio.is_finite()) {
-            return Err(Error::invalid("replay.ratio", self.replay.ratio, "must be >= 0"));
+            return Err(Error::invalid(
+                "replay.ratio",
+                self.replay.ratio,
+                "must be >= 0",
+            ));
         }
         self.loss.validate()?;
         self.optimizer.validate()
@@ -63,7 +78,11 @@ impl TrainConfig {
         let kind = self.loss.kind;
         EstimatorConfig {
             architecture: self.architecture,
-            backward: if kind.uses_backward_policy() { self.backward } else { BackwardPolicy::Uniform },
+            backward: if kind.uses_backward_policy() {
+                self.backward
+            } else {
+                BackwardPolicy::Uniform
+            },
             log_flow: kind.needs_log_flow(),
             log_z: kind.needs_log_z(),
         }
@@ -121,11 +140,21 @@ pub struct TrainState {
 
 impl TrainState {
     /// `stream` separates the sampling randomness of ranks that share a seed.
-    pub fn new(env: Box<dyn Environment>, config: TrainConfig, device: Device, stream: u64) -> Result<Self> {
+    pub fn new(
+        env: Box<dyn Environment>,
+        config: TrainConfig,
+        device: Device,
+        stream: u64,
+    ) -> Result<Self> {
         config.validate()?;
         let truth = GroundTruth::enumerate(env.as_ref())?;
         let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let estimators = Estimators::new(env.as_ref(), config.estimator_config(), device, &mut init_rng)?;
+        let estimators = Estimators::new(
+            env.as_ref(),
+            config.estimator_config(),
+            device,
+            &mut init_rng,
+        )?;
         let optimizer = Adam::new(&estimators.params, config.optimizer);
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(stream + 1);
@@ -151,9 +180,18 @@ impl TrainState {
     /// A fresh on-policy batch (with exploration), plus replayed trajectories when enabled.
     /// Returns the batch and the number of fresh trajectories at its front.
     pub fn sample_batch(&mut self) -> (Trajectories, usize) {
-        let exploration = Exploration { epsilon: self.epsilon(), temperature: self.config.temperature };
+        let exploration = Exploration {
+            epsilon: self.epsilon(),
+            temperature: self.config.temperature,
+        };
         let n = self.config.batch_size;
-        let mut batch = sample_trajectories(self.env.as_ref(), &self.estimators, n, exploration, &mut self.rng);
+        let mut batch = sample_trajectories(
+            self.env.as_ref(),
+            &self.estimators,
+            n,
+            exploration,
+            &mut self.rng,
+        );
         let env = self.env.as_ref();
         let terminals = (0..batch.len()).map(|b| env.state_index(batch.terminal_state(b)));
         self.modes.observe(&self.truth, terminals);
@@ -168,20 +206,31 @@ impl TrainState {
     }
 
     /// One gradient step on `batch`.
-    pub fn update(&mut self, batch: &Trajectories, reducer: &mut dyn GradientReducer) -> Result<StepMetrics> {
+    pub fn update(
+        &mut self,
+        batch: &Trajectories,
+        reducer: &mut dyn GradientReducer,
+    ) -> Result<StepMetrics> {
         let params = &mut self.estimators.params;
         params.zero_grad();
         let views = params.views();
-        let loss = compute_loss(&self.config.loss, self.env.as_ref(), &self.estimators, &views, batch);
+        let loss = compute_loss(
+            &self.config.loss,
+            self.env.as_ref(),
+            &self.estimators,
+            &views,
+            batch,
+        );
         loss.backward();
         drop(views);
         let mut grad = self.estimators.params.grad();
         reducer.reduce(&mut grad)?;
-        self.optimizer.step(&mut self.estimators.params);
+        self.optimizer.step(&mut self.estimators.params, &grad);
         let metrics = StepMetrics {
             loss: loss.double_value(&[]),
             batch_trajectories: batch.len(),
-            mean_log_reward: batch.log_rewards.iter().map(|&r| r as f64).sum::<f64>() / batch.len() as f64,
+            mean_log_reward: batch.log_rewards.iter().map(|&r| r as f64).sum::<f64>()
+                / batch.len() as f64,
             mean_length: batch.n_states() as f64 / batch.len() as f64,
             epsilon: self.epsilon(),
         };
@@ -200,7 +249,13 @@ impl TrainState {
     pub fn evaluate(&self, n_samples: usize) -> Result<Evaluation> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0x9E37_79B9_7F4A_7C15);
         rng.set_stream(self.step);
-        let distribution = evaluate_policy(self.env.as_ref(), &self.estimators, &self.truth, n_samples, &mut rng)?;
+        let distribution = evaluate_policy(
+            self.env.as_ref(),
+            &self.estimators,
+            &self.truth,
+            n_samples,
+            &mut rng,
+        )?;
         Ok(Evaluation {
             distribution,
             modes_found: self.modes.count(),

@@ -14,7 +14,11 @@ pub struct Trajectories {
 
 impl Trajectories {
     pub fn new(state_dim: usize) -> Self {
-        Trajectories { state_dim, offsets: vec![0], ..Default::default() }
+        Trajectories {
+            state_dim,
+            offsets: vec![0],
+            ..Default::default()
+        }
     }
 
     /// Number of trajectories.
@@ -65,7 +69,9 @@ impl Trajectories {
 
     /// Index of the trajectory that each state belongs to.
     pub fn trajectory_of_states(&self) -> Vec<i64> {
-        (0..self.len()).flat_map(|b| std::iter::repeat(b as i64).take(self.offsets[b + 1] - self.offsets[b])).collect()
+        (0..self.len())
+            .flat_map(|b| std::iter::repeat(b as i64).take(self.offsets[b + 1] - self.offsets[b]))
+            .collect()
     }
 
     /// Whether each state is the last (terminal) state of its trajectory.

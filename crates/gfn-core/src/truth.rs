@@ -52,15 +52,31 @@ impl GroundTruth {
         let log_rewards: Vec<f64> = log_r32
             .iter()
             .zip(masks.chunks_exact(env.n_actions()))
-            .map(|(&lr, m)| if m[exit] { lr as f64 } else { f64::NEG_INFINITY })
+            .map(|(&lr, m)| {
+                if m[exit] {
+                    lr as f64
+                } else {
+                    f64::NEG_INFINITY
+                }
+            })
             .collect();
         let log_z = log_sum_exp(&log_rewards);
         let probabilities = log_rewards.iter().map(|&lr| (lr - log_z).exp()).collect();
-        let max = log_rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let max = log_rewards
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
         // f32 log-rewards of equal rewards are bitwise equal; the tolerance only guards rounding.
         let is_mode: Vec<bool> = log_rewards.iter().map(|&lr| lr >= max - 1e-6).collect();
         let modes = (0..n).filter(|&i| is_mode[i]).collect();
-        Ok(GroundTruth { n_states: n, log_rewards, log_z, probabilities, modes, is_mode })
+        Ok(GroundTruth {
+            n_states: n,
+            log_rewards,
+            log_z,
+            probabilities,
+            modes,
+            is_mode,
+        })
     }
 }
 
@@ -86,7 +102,12 @@ mod tests {
         // Per coordinate, 4 of 8 values lie in the outer band and 2 in the inner band, so
         // Z = 4096 R0 + 4^4 R1 + 2^4 R2.
         let z = 4096.0 * 1e-3 + 256.0 * 0.5 + 16.0 * 2.0;
-        assert!((truth.log_z - f64::ln(z)).abs() < 1e-5, "{} vs {}", truth.log_z, z.ln());
+        assert!(
+            (truth.log_z - f64::ln(z)).abs() < 1e-5,
+            "{} vs {}",
+            truth.log_z,
+            z.ln()
+        );
         let total: f64 = truth.probabilities.iter().sum();
         assert!((total - 1.0).abs() < 1e-9);
     }

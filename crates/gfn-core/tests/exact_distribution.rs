@@ -6,7 +6,9 @@ mod common;
 use common::grid;
 use gfn_core::env::Environment;
 use gfn_core::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
-use gfn_core::evaluation::{exact_terminating_distribution, forward_policy_table, sample_terminal_counts, total_variation};
+use gfn_core::evaluation::{
+    exact_terminating_distribution, forward_policy_table, sample_terminal_counts, total_variation,
+};
 use gfn_core::sampler::{sample_trajectories, Exploration};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -15,9 +17,18 @@ use tch::Device;
 #[test]
 fn exact_distribution_matches_sampled_frequencies() {
     let env = grid(2, 5, 0.1);
-    let config = EstimatorConfig { architecture: Architecture::Mlp { hidden: 16, layers: 2 }, backward: BackwardPolicy::Uniform, log_flow: false, log_z: false };
+    let config = EstimatorConfig {
+        architecture: Architecture::Mlp {
+            hidden: 16,
+            layers: 2,
+        },
+        backward: BackwardPolicy::Uniform,
+        log_flow: false,
+        log_z: false,
+    };
     // Random weights scaled up so the policy is far from uniform.
-    let mut est = Estimators::new(&env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
+    let mut est =
+        Estimators::new(&env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
     let scaled = tch::no_grad(|| est.params.flat() * 4.0);
     est.params.copy_from(&scaled);
 
@@ -27,7 +38,13 @@ fn exact_distribution_matches_sampled_frequencies() {
 
     // Rollouts through the network, one forward per step.
     let n = 100_000;
-    let batch = sample_trajectories(&env, &est, n, Exploration::ON_POLICY, &mut ChaCha8Rng::seed_from_u64(2));
+    let batch = sample_trajectories(
+        &env,
+        &est,
+        n,
+        Exploration::ON_POLICY,
+        &mut ChaCha8Rng::seed_from_u64(2),
+    );
     let mut empirical = vec![0f64; exact.len()];
     for b in 0..batch.len() {
         empirical[env.state_index(batch.terminal_state(b))] += 1.0 / n as f64;

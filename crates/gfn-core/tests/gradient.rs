@@ -13,17 +13,45 @@ use tch::{Device, Tensor};
 #[test]
 fn loss_gradients_match_finite_differences() {
     let env = grid(2, 3, 0.1);
-    for kind in [LossKind::Tb, LossKind::Db, LossKind::Subtb, LossKind::Fm, LossKind::Zvar, LossKind::ModifiedDb] {
+    for kind in [
+        LossKind::Tb,
+        LossKind::Db,
+        LossKind::Subtb,
+        LossKind::Fm,
+        LossKind::Zvar,
+        LossKind::ModifiedDb,
+    ] {
         let config = EstimatorConfig {
-            architecture: Architecture::Mlp { hidden: 6, layers: 1 },
-            backward: if kind.uses_backward_policy() { BackwardPolicy::Learned } else { BackwardPolicy::Uniform },
+            architecture: Architecture::Mlp {
+                hidden: 6,
+                layers: 1,
+            },
+            backward: if kind.uses_backward_policy() {
+                BackwardPolicy::Learned
+            } else {
+                BackwardPolicy::Uniform
+            },
             log_flow: kind.needs_log_flow(),
             log_z: kind.needs_log_z(),
         };
-        let mut est = Estimators::new(&env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(4)).unwrap();
-        let batch = sample_trajectories(&env, &est, 8, Exploration { epsilon: 0.3, temperature: 1.0 }, &mut ChaCha8Rng::seed_from_u64(9));
+        let mut est =
+            Estimators::new(&env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(4)).unwrap();
+        let batch = sample_trajectories(
+            &env,
+            &est,
+            8,
+            Exploration {
+                epsilon: 0.3,
+                temperature: 1.0,
+            },
+            &mut ChaCha8Rng::seed_from_u64(9),
+        );
         let loss_config = LossConfig::new(kind);
-        let loss_at = |est: &Estimators| tch::no_grad(|| compute_loss(&loss_config, &env, est, &est.params.views(), &batch).double_value(&[]));
+        let loss_at = |est: &Estimators| {
+            tch::no_grad(|| {
+                compute_loss(&loss_config, &env, est, &est.params.views(), &batch).double_value(&[])
+            })
+        };
 
         est.params.zero_grad();
         compute_loss(&loss_config, &env, &est, &est.params.views(), &batch).backward();
@@ -43,9 +71,18 @@ fn loss_gradients_match_finite_differences() {
             numeric[i] = (plus - minus) / (2.0 * h as f64);
         }
         est.params.copy_from(&Tensor::from_slice(&base));
-        let diff: f64 = analytic.iter().zip(&numeric).map(|(&a, &n)| (a as f64 - n).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 = analytic
+            .iter()
+            .zip(&numeric)
+            .map(|(&a, &n)| (a as f64 - n).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let norm: f64 = numeric.iter().map(|n| n * n).sum::<f64>().sqrt();
         assert!(norm > 1e-3, "{kind:?}: gradient too small to test ({norm})");
-        assert!(diff / norm < 1e-2, "{kind:?}: relative error {} (|g| = {norm})", diff / norm);
+        assert!(
+            diff / norm < 1e-2,
+            "{kind:?}: relative error {} (|g| = {norm})",
+            diff / norm
+        );
     }
 }

@@ -14,12 +14,28 @@ use rand_chacha::ChaCha8Rng;
 use tch::Device;
 
 fn optimal_estimators(env: &dyn Environment, kind: LossKind) -> Estimators {
-    let backward = if kind.uses_backward_policy() { BackwardPolicy::Learned } else { BackwardPolicy::Uniform };
-    let config = EstimatorConfig { architecture: Architecture::Tabular, backward, log_flow: kind.needs_log_flow(), log_z: kind.needs_log_z() };
-    let mut est = Estimators::new(env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
+    let backward = if kind.uses_backward_policy() {
+        BackwardPolicy::Learned
+    } else {
+        BackwardPolicy::Uniform
+    };
+    let config = EstimatorConfig {
+        architecture: Architecture::Tabular,
+        backward,
+        log_flow: kind.needs_log_flow(),
+        log_z: kind.needs_log_z(),
+    };
+    let mut est =
+        Estimators::new(env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
     // A deliberately non-uniform backward policy, when one is learned.
     let learned_pb = backward == BackwardPolicy::Learned;
-    let flows = optimal_flows(env, |i, b| if learned_pb { 1.0 + ((i * 7 + b * 3) % 5) as f64 } else { 1.0 });
+    let flows = optimal_flows(env, |i, b| {
+        if learned_pb {
+            1.0 + ((i * 7 + b * 3) % 5) as f64
+        } else {
+            1.0
+        }
+    });
     if kind == LossKind::Fm {
         set_param(&mut est, "pf.table", &flows.log_edge_flow);
     } else {
@@ -38,15 +54,35 @@ fn optimal_estimators(env: &dyn Environment, kind: LossKind) -> Estimators {
 fn loss_on_explored_batch(env: &dyn Environment, est: &Estimators, config: &LossConfig) -> f64 {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     // Exploratory trajectories: balance must hold on any trajectory, not only on-policy ones.
-    let batch = sample_trajectories(env, est, 64, Exploration { epsilon: 0.5, temperature: 1.0 }, &mut rng);
+    let batch = sample_trajectories(
+        env,
+        est,
+        64,
+        Exploration {
+            epsilon: 0.5,
+            temperature: 1.0,
+        },
+        &mut rng,
+    );
     let p = est.params.views();
     compute_loss(config, env, est, &p, &batch).double_value(&[])
 }
 
 fn perturb_forward(est: &mut Estimators, rng: &mut impl Rng) {
-    let spec = est.params.specs().iter().find(|s| s.name == "pf.table").unwrap().clone();
-    let mut values: Vec<f64> = est.params.to_vec()[spec.offset..spec.offset + spec.numel()].iter().map(|&v| v as f64).collect();
-    values.iter_mut().for_each(|v| *v += rng.gen_range(-0.3..0.3));
+    let spec = est
+        .params
+        .specs()
+        .iter()
+        .find(|s| s.name == "pf.table")
+        .unwrap()
+        .clone();
+    let mut values: Vec<f64> = est.params.to_vec()[spec.offset..spec.offset + spec.numel()]
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    values
+        .iter_mut()
+        .for_each(|v| *v += rng.gen_range(-0.3..0.3));
     set_param(est, "pf.table", &values);
 }
 
@@ -54,7 +90,16 @@ fn perturb_forward(est: &mut Estimators, rng: &mut impl Rng) {
 fn every_loss_is_zero_at_the_optimum_and_positive_when_perturbed() {
     let env = grid(3, 4, 0.1);
     let truth = GroundTruth::enumerate(&env).unwrap();
-    let mut configs: Vec<LossConfig> = [LossKind::Tb, LossKind::Db, LossKind::Fm, LossKind::Zvar, LossKind::ModifiedDb].into_iter().map(LossConfig::new).collect();
+    let mut configs: Vec<LossConfig> = [
+        LossKind::Tb,
+        LossKind::Db,
+        LossKind::Fm,
+        LossKind::Zvar,
+        LossKind::ModifiedDb,
+    ]
+    .into_iter()
+    .map(LossConfig::new)
+    .collect();
     for weighting in [
         SubTbWeighting::GeometricWithin,
         SubTbWeighting::Geometric,
@@ -63,17 +108,30 @@ fn every_loss_is_zero_at_the_optimum_and_positive_when_perturbed() {
         SubTbWeighting::Tb,
         SubTbWeighting::Db,
     ] {
-        configs.push(LossConfig { subtb_weighting: weighting, ..LossConfig::new(LossKind::Subtb) });
+        configs.push(LossConfig {
+            subtb_weighting: weighting,
+            ..LossConfig::new(LossKind::Subtb)
+        });
     }
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for config in configs {
         let mut est = optimal_estimators(&env, config.kind);
         let at_optimum = loss_on_explored_batch(&env, &est, &config);
-        assert!(at_optimum < 1e-8, "{config:?}: loss {at_optimum:e} at the optimum");
+        assert!(
+            at_optimum < 1e-8,
+            "{config:?}: loss {at_optimum:e} at the optimum"
+        );
         let log_z = estimated_log_z(config.kind, &env, &est);
-        assert!((log_z - truth.log_z).abs() < 1e-4, "{config:?}: log Z {log_z} vs {}", truth.log_z);
+        assert!(
+            (log_z - truth.log_z).abs() < 1e-4,
+            "{config:?}: log Z {log_z} vs {}",
+            truth.log_z
+        );
         perturb_forward(&mut est, &mut rng);
         let perturbed = loss_on_explored_batch(&env, &est, &config);
-        assert!(perturbed > 1e-3, "{config:?}: loss {perturbed:e} after perturbation");
+        assert!(
+            perturbed > 1e-3,
+            "{config:?}: loss {perturbed:e} after perturbation"
+        );
     }
 }

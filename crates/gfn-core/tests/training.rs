@@ -12,20 +12,45 @@ use tch::Device;
 
 fn config(kind: LossKind) -> TrainConfig {
     TrainConfig {
-        architecture: Architecture::Mlp { hidden: 256, layers: 2 },
+        architecture: Architecture::Mlp {
+            hidden: 256,
+            layers: 2,
+        },
         backward: BackwardPolicy::Learned,
         loss: LossConfig::new(kind),
-        optimizer: OptimizerConfig { kind: OptimizerKind::Adam, lr: 1e-3, lr_log_z: 0.1, weight_decay: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        optimizer: OptimizerConfig {
+            kind: OptimizerKind::Adam,
+            lr: 1e-3,
+            lr_log_z: 0.1,
+            weight_decay: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
         batch_size: 16,
-        epsilon: EpsilonSchedule { start: 0.0, end: 0.0, decay_steps: 0 },
+        epsilon: EpsilonSchedule {
+            start: 0.0,
+            end: 0.0,
+            decay_steps: 0,
+        },
         temperature: 1.0,
-        replay: ReplayConfig { capacity: 0, policy: ReplayPolicy::Uniform, ratio: 0.5 },
+        replay: ReplayConfig {
+            capacity: 0,
+            policy: ReplayPolicy::Uniform,
+            ratio: 0.5,
+        },
         seed: 0,
     }
 }
 
 fn train(env: HyperGridConfig, config: TrainConfig, steps: u64) -> TrainState {
-    let mut state = TrainState::new(Box::new(HyperGrid::new(env).unwrap()), config, Device::Cpu, 0).unwrap();
+    let mut state = TrainState::new(
+        Box::new(HyperGrid::new(env).unwrap()),
+        config,
+        Device::Cpu,
+        0,
+    )
+    .unwrap();
     for _ in 0..steps {
         state.train_step(&mut NoReduction).unwrap();
     }
@@ -38,14 +63,32 @@ fn tb_db_and_subtb_learn_the_2x8_grid() {
     for kind in [LossKind::Tb, LossKind::Db, LossKind::Subtb] {
         let state = train(env, config(kind), 1000);
         let eval = state.evaluate(10_000).unwrap();
-        assert!(eval.distribution.exact_tv < 0.05, "{kind:?}: exact TV {} after 1000 steps", eval.distribution.exact_tv);
-        assert!((eval.log_z - eval.true_log_z).abs() < 0.1, "{kind:?}: log Z {} vs {}", eval.log_z, eval.true_log_z);
+        assert!(
+            eval.distribution.exact_tv < 0.05,
+            "{kind:?}: exact TV {} after 1000 steps",
+            eval.distribution.exact_tv
+        );
+        assert!(
+            (eval.log_z - eval.true_log_z).abs() < 0.1,
+            "{kind:?}: log Z {} vs {}",
+            eval.log_z,
+            eval.true_log_z
+        );
     }
 }
 
 #[test]
 fn tb_finds_all_16_modes_of_the_easy_4x8_grid() {
-    let state = train(HyperGridConfig::new(4, 8, RewardPreset::Easy), config(LossKind::Tb), 800);
+    let state = train(
+        HyperGridConfig::new(4, 8, RewardPreset::Easy),
+        config(LossKind::Tb),
+        800,
+    );
     assert_eq!(state.truth.modes.len(), 16);
-    assert_eq!(state.modes.count(), 16, "modes found after 800 steps ({} trajectories)", state.trajectories);
+    assert_eq!(
+        state.modes.count(),
+        16,
+        "modes found after 800 steps ({} trajectories)",
+        state.trajectories
+    );
 }

@@ -40,7 +40,13 @@ pub struct HyperGridConfig {
 impl HyperGridConfig {
     pub fn new(dim: usize, height: usize, preset: RewardPreset) -> Self {
         let (r0, r1, r2) = preset.constants();
-        HyperGridConfig { dim, height, r0, r1, r2 }
+        HyperGridConfig {
+            dim,
+            height,
+            r0,
+            r1,
+            r2,
+        }
     }
 }
 
@@ -59,30 +65,53 @@ impl HyperGrid {
             return Err(Error::invalid("env.dim", config.dim, "must be at least 1"));
         }
         if config.height < 2 {
-            return Err(Error::invalid("env.height", config.height, "must be at least 2"));
+            return Err(Error::invalid(
+                "env.height",
+                config.height,
+                "must be at least 2",
+            ));
         }
-        for (field, value) in [("env.r0", config.r0), ("env.r1", config.r1), ("env.r2", config.r2)] {
+        for (field, value) in [
+            ("env.r0", config.r0),
+            ("env.r1", config.r1),
+            ("env.r2", config.r2),
+        ] {
             if !value.is_finite() {
                 return Err(Error::invalid(field, value, "must be finite"));
             }
         }
         if config.r0 <= 0.0 {
-            return Err(Error::invalid("env.r0", config.r0, "must be > 0 (log-rewards must be finite)"));
+            return Err(Error::invalid(
+                "env.r0",
+                config.r0,
+                "must be > 0 (log-rewards must be finite)",
+            ));
         }
         if config.r1 < 0.0 || config.r2 < 0.0 {
-            let (field, value) = if config.r1 < 0.0 { ("env.r1", config.r1) } else { ("env.r2", config.r2) };
+            let (field, value) = if config.r1 < 0.0 {
+                ("env.r1", config.r1)
+            } else {
+                ("env.r2", config.r2)
+            };
             return Err(Error::invalid(field, value, "must be >= 0"));
         }
         let h = config.height;
         let distance = |x: usize| (x as f64 / (h - 1) as f64 - 0.5).abs();
         let outer_band = (0..h).map(|x| distance(x) > 0.25).collect();
-        let inner_band = (0..h).map(|x| distance(x) > 0.3 && distance(x) < 0.4).collect();
+        let inner_band = (0..h)
+            .map(|x| distance(x) > 0.3 && distance(x) < 0.4)
+            .collect();
         let log_rewards_by_level = [
             config.r0.ln() as f32,
             (config.r0 + config.r1).ln() as f32,
             (config.r0 + config.r1 + config.r2).ln() as f32,
         ];
-        Ok(HyperGrid { config, outer_band, inner_band, log_rewards_by_level })
+        Ok(HyperGrid {
+            config,
+            outer_band,
+            inner_band,
+            log_rewards_by_level,
+        })
     }
 
     pub fn config(&self) -> &HyperGridConfig {
@@ -196,7 +225,10 @@ impl Environment for HyperGrid {
     fn state_index(&self, state: &[i64]) -> usize {
         // Coordinate i has weight H^i: incrementing any coordinate increases the index.
         let h = self.config.height;
-        state.iter().rev().fold(0usize, |acc, &x| acc * h + x as usize)
+        state
+            .iter()
+            .rev()
+            .fold(0usize, |acc, &x| acc * h + x as usize)
     }
 
     fn state_from_index(&self, mut index: usize, out: &mut [i64]) {
@@ -252,11 +284,20 @@ mod tests {
 
     #[test]
     fn rejects_bad_configs_naming_the_field() {
-        let err = HyperGrid::new(HyperGridConfig { height: 1, ..HyperGridConfig::new(2, 8, RewardPreset::Standard) });
+        let err = HyperGrid::new(HyperGridConfig {
+            height: 1,
+            ..HyperGridConfig::new(2, 8, RewardPreset::Standard)
+        });
         assert!(err.unwrap_err().to_string().contains("env.height = 1"));
-        let err = HyperGrid::new(HyperGridConfig { r0: 0.0, ..HyperGridConfig::new(2, 8, RewardPreset::Standard) });
+        let err = HyperGrid::new(HyperGridConfig {
+            r0: 0.0,
+            ..HyperGridConfig::new(2, 8, RewardPreset::Standard)
+        });
         assert!(err.unwrap_err().to_string().contains("env.r0 = 0"));
-        let err = HyperGrid::new(HyperGridConfig { dim: 0, ..HyperGridConfig::new(2, 8, RewardPreset::Standard) });
+        let err = HyperGrid::new(HyperGridConfig {
+            dim: 0,
+            ..HyperGridConfig::new(2, 8, RewardPreset::Standard)
+        });
         assert!(err.unwrap_err().to_string().contains("env.dim = 0"));
     }
 }

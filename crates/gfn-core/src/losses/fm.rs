@@ -9,7 +9,13 @@ use tch::{Kind, Tensor};
 /// flow is the reward): for every non-initial state s of the batch,
 /// (log Σ_parents F(p → s) − log Σ_children F(s → c))², plus the reward matching term
 /// (log F(x → exit) − log R(x))² at terminal states.
-pub fn flow_matching(env: &dyn Environment, estimators: &Estimators, p: &ParamViews, batch: &Trajectories, clip_min: f32) -> Tensor {
+pub fn flow_matching(
+    env: &dyn Environment,
+    estimators: &Estimators,
+    p: &ParamViews,
+    batch: &Trajectories,
+    clip_min: f32,
+) -> Tensor {
     let device = estimators.device();
     let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
     let s = batch.n_states();
@@ -43,15 +49,31 @@ pub fn flow_matching(env: &dyn Environment, estimators: &Estimators, p: &ParamVi
     let mut masks = vec![false; (s + n_parents) * n_actions];
     env.forward_masks(&all_states, &mut masks);
     let input = estimators.input(env, &all_states);
-    let logits = estimators.forward(p, &input, Wanted { pf: true, ..Default::default() }).pf_logits.expect("pf asked for");
+    let logits = estimators
+        .forward(
+            p,
+            &input,
+            Wanted {
+                pf: true,
+                ..Default::default()
+            },
+        )
+        .pf_logits
+        .expect("pf asked for");
     let logits = logits + additive_mask(&masks, n_actions, device);
-    let out_flow = logits.narrow(0, 0, s as i64).logsumexp([1i64].as_slice(), false);
+    let out_flow = logits
+        .narrow(0, 0, s as i64)
+        .logsumexp([1i64].as_slice(), false);
 
     let rm = {
         let last: Vec<i64> = batch.offsets[1..].iter().map(|&e| e as i64 - 1).collect();
-        let exit_flow = logits.index_select(0, &host_tensor(&last, device)).select(1, env.exit_action() as i64);
+        let exit_flow = logits
+            .index_select(0, &host_tensor(&last, device))
+            .select(1, env.exit_action() as i64);
         let log_r: Vec<f32> = batch.log_rewards.iter().map(|&r| r.max(clip_min)).collect();
-        (exit_flow - host_tensor(&log_r, device)).square().mean(Kind::Float)
+        (exit_flow - host_tensor(&log_r, device))
+            .square()
+            .mean(Kind::Float)
     };
     if children.is_empty() {
         return rm;
@@ -60,11 +82,19 @@ pub fn flow_matching(env: &dyn Environment, estimators: &Estimators, p: &ParamVi
         .narrow(0, s as i64, n_parents as i64)
         .gather(1, &host_tensor(&parent_actions, device).unsqueeze(1), false)
         .squeeze_dim(1);
-    let padded = Tensor::cat(&[parent_flows, Tensor::full([1], MASKED_LOGIT as f64, (Kind::Float, device))], 0);
+    let padded = Tensor::cat(
+        &[
+            parent_flows,
+            Tensor::full([1], MASKED_LOGIT as f64, (Kind::Float, device)),
+        ],
+        0,
+    );
     let in_flow = padded
         .index_select(0, &host_tensor(&parent_slots, device))
         .view([children.len() as i64, n_back as i64])
         .logsumexp([1i64].as_slice(), false);
-    let fm = (in_flow - out_flow.index_select(0, &host_tensor(&children, device))).square().mean(Kind::Float);
+    let fm = (in_flow - out_flow.index_select(0, &host_tensor(&children, device)))
+        .square()
+        .mean(Kind::Float);
     fm + rm
 }

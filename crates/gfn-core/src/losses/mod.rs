@@ -68,15 +68,28 @@ pub struct LossConfig {
 
 impl LossConfig {
     pub fn new(kind: LossKind) -> Self {
-        LossConfig { kind, log_reward_clip_min: f32::NEG_INFINITY, subtb_lambda: 0.9, subtb_weighting: SubTbWeighting::GeometricWithin }
+        LossConfig {
+            kind,
+            log_reward_clip_min: f32::NEG_INFINITY,
+            subtb_lambda: 0.9,
+            subtb_weighting: SubTbWeighting::GeometricWithin,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         if self.log_reward_clip_min.is_nan() {
-            return Err(Error::invalid("loss.log_reward_clip_min", self.log_reward_clip_min, "must be a number"));
+            return Err(Error::invalid(
+                "loss.log_reward_clip_min",
+                self.log_reward_clip_min,
+                "must be a number",
+            ));
         }
         if !(self.subtb_lambda > 0.0 && self.subtb_lambda.is_finite()) {
-            return Err(Error::invalid("loss.subtb_lambda", self.subtb_lambda, "must be > 0"));
+            return Err(Error::invalid(
+                "loss.subtb_lambda",
+                self.subtb_lambda,
+                "must be > 0",
+            ));
         }
         Ok(())
     }
@@ -116,7 +129,12 @@ fn as_f32(flags: &[bool]) -> Vec<f32> {
     flags.iter().map(|&f| f as u8 as f32).collect()
 }
 
-pub fn prepare(env: &dyn Environment, estimators: &Estimators, batch: &Trajectories, clip_min: f32) -> PreparedBatch {
+pub fn prepare(
+    env: &dyn Environment,
+    estimators: &Estimators,
+    batch: &Trajectories,
+    clip_min: f32,
+) -> PreparedBatch {
     let device = estimators.device();
     let s = batch.n_states();
     let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
@@ -127,9 +145,17 @@ pub fn prepare(env: &dyn Environment, estimators: &Estimators, batch: &Trajector
     let mut backward_mask = vec![false; s * n_back];
     env.backward_masks(&batch.states, &mut backward_mask);
     let backward_actions: Vec<i64> = (0..s)
-        .map(|i| if is_first[i] { 0 } else { env.backward_action_of(batch.state(i - 1), batch.actions[i - 1]) as i64 })
+        .map(|i| {
+            if is_first[i] {
+                0
+            } else {
+                env.backward_action_of(batch.state(i - 1), batch.actions[i - 1]) as i64
+            }
+        })
         .collect();
-    let next_index: Vec<i64> = (0..s).map(|i| if is_last[i] { i as i64 } else { i as i64 + 1 }).collect();
+    let next_index: Vec<i64> = (0..s)
+        .map(|i| if is_last[i] { i as i64 } else { i as i64 + 1 })
+        .collect();
     let mut state_log_rewards = vec![0f32; s];
     env.log_reward(&batch.states, &mut state_log_rewards);
     let clip = |v: &mut f32| *v = v.max(clip_min);
@@ -140,7 +166,13 @@ pub fn prepare(env: &dyn Environment, estimators: &Estimators, batch: &Trajector
         let values: Vec<f32> = backward_mask
             .chunks_exact(n_back)
             .zip(&is_first)
-            .map(|(m, &first)| if first { 0.0 } else { -(m.iter().filter(|&&a| a).count() as f32).ln() })
+            .map(|(m, &first)| {
+                if first {
+                    0.0
+                } else {
+                    -(m.iter().filter(|&&a| a).count() as f32).ln()
+                }
+            })
             .collect();
         host_tensor(&values, device)
     });
@@ -152,7 +184,9 @@ pub fn prepare(env: &dyn Environment, estimators: &Estimators, batch: &Trajector
         offsets: batch.offsets.clone(),
         input: estimators.input(env, &batch.states),
         forward_mask: additive_mask(&forward_mask, n_actions, device),
-        backward_mask: estimators.has_learned_pb().then(|| additive_mask(&backward_mask, n_back, device)),
+        backward_mask: estimators
+            .has_learned_pb()
+            .then(|| additive_mask(&backward_mask, n_back, device)),
         forward_actions: host_tensor(&forward_actions, device).unsqueeze(1),
         backward_actions: host_tensor(&backward_actions, device).unsqueeze(1),
         uniform_log_pb,
@@ -178,29 +212,59 @@ pub struct Evaluated {
     pub log_z: Option<Tensor>,
 }
 
-pub fn evaluate(estimators: &Estimators, p: &ParamViews, batch: &PreparedBatch, exit_action: usize) -> Evaluated {
-    let wanted = Wanted { pf: true, pb: estimators.has_learned_pb(), log_flow: estimators.has_log_flow() };
+pub fn evaluate(
+    estimators: &Estimators,
+    p: &ParamViews,
+    batch: &PreparedBatch,
+    exit_action: usize,
+) -> Evaluated {
+    let wanted = Wanted {
+        pf: true,
+        pb: estimators.has_learned_pb(),
+        log_flow: estimators.has_log_flow(),
+    };
     let out = estimators.forward(p, &batch.input, wanted);
     let log_probs = masked_log_softmax(&out.pf_logits.expect("pf asked for"), &batch.forward_mask);
-    let log_pf = log_probs.gather(1, &batch.forward_actions, false).squeeze_dim(1);
+    let log_pf = log_probs
+        .gather(1, &batch.forward_actions, false)
+        .squeeze_dim(1);
     let log_pf_exit = log_probs.select(1, exit_action as i64);
     let log_pb = match (&out.pb_logits, &batch.backward_mask, &batch.uniform_log_pb) {
         (Some(logits), Some(mask), _) => {
-            masked_log_softmax(logits, mask).gather(1, &batch.backward_actions, false).squeeze_dim(1) * &batch.not_first
+            masked_log_softmax(logits, mask)
+                .gather(1, &batch.backward_actions, false)
+                .squeeze_dim(1)
+                * &batch.not_first
         }
         (None, _, Some(uniform)) => uniform.shallow_clone(),
         _ => unreachable!("a batch is prepared for the estimators that evaluate it"),
     };
-    Evaluated { log_pf, log_pf_exit, log_pb, log_flow: out.log_flow, log_z: estimators.log_z(p).map(|t| t.shallow_clone()) }
+    Evaluated {
+        log_pf,
+        log_pf_exit,
+        log_pb,
+        log_flow: out.log_flow,
+        log_z: estimators.log_z(p).map(|t| t.shallow_clone()),
+    }
 }
 
 /// Sum of per-state values over each trajectory.
 pub fn per_trajectory_sum(values: &Tensor, batch: &PreparedBatch) -> Tensor {
-    Tensor::zeros([batch.n_trajectories as i64], (Kind::Float, values.device())).index_add(0, &batch.trajectory_of_state, values)
+    Tensor::zeros(
+        [batch.n_trajectories as i64],
+        (Kind::Float, values.device()),
+    )
+    .index_add(0, &batch.trajectory_of_state, values)
 }
 
 /// The loss of `config.kind` on a batch of trajectories.
-pub fn compute_loss(config: &LossConfig, env: &dyn Environment, estimators: &Estimators, p: &ParamViews, batch: &Trajectories) -> Tensor {
+pub fn compute_loss(
+    config: &LossConfig,
+    env: &dyn Environment,
+    estimators: &Estimators,
+    p: &ParamViews,
+    batch: &Trajectories,
+) -> Tensor {
     if config.kind == LossKind::Fm {
         return flow_matching(env, estimators, p, batch, config.log_reward_clip_min);
     }
@@ -209,7 +273,9 @@ pub fn compute_loss(config: &LossConfig, env: &dyn Environment, estimators: &Est
     match config.kind {
         LossKind::Tb => trajectory_balance(&ev, &prepared),
         LossKind::Db => detailed_balance(&ev, &prepared),
-        LossKind::Subtb => sub_trajectory_balance(&ev, &prepared, config.subtb_lambda, config.subtb_weighting),
+        LossKind::Subtb => {
+            sub_trajectory_balance(&ev, &prepared, config.subtb_lambda, config.subtb_weighting)
+        }
         LossKind::Zvar => log_partition_variance(&ev, &prepared),
         LossKind::ModifiedDb => modified_detailed_balance(&ev, &prepared),
         LossKind::Fm => unreachable!("handled above"),
@@ -222,23 +288,31 @@ pub fn compute_loss(config: &LossConfig, env: &dyn Environment, estimators: &Est
 pub fn estimated_log_z(kind: LossKind, env: &dyn Environment, estimators: &Estimators) -> f64 {
     let mut s0 = vec![0i64; env.state_dim()];
     env.initial_state(&mut s0);
-    let p = estimators.params.detached_views();
+    let p = estimators.params.views();
     tch::no_grad(|| {
         let input = estimators.input(env, &s0);
-        let wanted = Wanted { pf: true, pb: false, log_flow: kind.needs_log_flow() };
+        let wanted = Wanted {
+            pf: true,
+            pb: false,
+            log_flow: kind.needs_log_flow(),
+        };
         let out = estimators.forward(&p, &input, wanted);
         let mut mask = vec![false; env.n_actions()];
         env.forward_masks(&s0, &mut mask);
         let mask = additive_mask(&mask, env.n_actions(), estimators.device());
         let logits = out.pf_logits.expect("pf asked for");
         let value = match kind {
-            LossKind::Tb => estimators.log_z(&p).expect("TB learns log Z").shallow_clone(),
+            LossKind::Tb => estimators
+                .log_z(&p)
+                .expect("TB learns log Z")
+                .shallow_clone(),
             LossKind::Db | LossKind::Subtb => out.log_flow.expect("DB/SubTB learn log F"),
             LossKind::Fm => (logits + mask).logsumexp([1i64].as_slice(), false),
             LossKind::Zvar | LossKind::ModifiedDb => {
                 let mut log_r = [0f32];
                 env.log_reward(&s0, &mut log_r);
-                -masked_log_softmax(&logits, &mask).select(1, env.exit_action() as i64) + log_r[0] as f64
+                -masked_log_softmax(&logits, &mask).select(1, env.exit_action() as i64)
+                    + log_r[0] as f64
             }
         };
         value.double_value(&[0])

@@ -23,7 +23,11 @@ pub enum SubTbWeighting {
 /// Weight of sub-trajectory (i → j) of trajectory b, as a dense `[B, P, P]` array with
 /// P = (longest trajectory's state count) + 1 positions; position L_b is the sink, whose
 /// "flow" is R(x). Invalid pairs (i ≥ j, j > L_b) weigh 0.
-pub fn subtb_weights(offsets: &[usize], lambda: f64, weighting: SubTbWeighting) -> (Vec<f32>, usize) {
+pub fn subtb_weights(
+    offsets: &[usize],
+    lambda: f64,
+    weighting: SubTbWeighting,
+) -> (Vec<f32>, usize) {
     let lengths: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
     let n_traj = lengths.len();
     let max_len = lengths.iter().copied().max().unwrap_or(0);
@@ -41,14 +45,18 @@ pub fn subtb_weights(offsets: &[usize], lambda: f64, weighting: SubTbWeighting) 
     let total_edges = per_length.get(1).copied().unwrap_or(0);
     let length_norm: f64 = (1..=max_len).map(geometric).sum();
     for (b, &l) in lengths.iter().enumerate() {
-        let within_norm: f64 = (1..=l).map(|len| geometric(len) * (l + 1 - len) as f64).sum();
+        let within_norm: f64 = (1..=l)
+            .map(|len| geometric(len) * (l + 1 - len) as f64)
+            .sum();
         let pairs_b = (l * (l + 1) / 2) as f64;
         for i in 0..l {
             for j in i + 1..=l {
                 let len = j - i;
                 let value = match weighting {
                     SubTbWeighting::GeometricWithin => geometric(len) / within_norm / n_traj as f64,
-                    SubTbWeighting::Geometric => geometric(len) / length_norm / per_length[len] as f64,
+                    SubTbWeighting::Geometric => {
+                        geometric(len) / length_norm / per_length[len] as f64
+                    }
                     SubTbWeighting::EqualWithin => 1.0 / pairs_b / n_traj as f64,
                     SubTbWeighting::Equal => 1.0 / total_pairs as f64,
                     SubTbWeighting::Tb if i == 0 && j == l => 1.0 / n_traj as f64,
@@ -66,8 +74,16 @@ pub fn subtb_weights(offsets: &[usize], lambda: f64, weighting: SubTbWeighting) 
 /// (log F(s_i) + Σ log P_F − log F(s_j) − Σ log P_B)², where the sink after x has log-flow
 /// log R(x) (so i = 0, j = sink is trajectory balance with log F(s0) as log Z), weighted by
 /// [`subtb_weights`].
-pub fn sub_trajectory_balance(ev: &Evaluated, batch: &PreparedBatch, lambda: f64, weighting: SubTbWeighting) -> Tensor {
-    let log_flow = ev.log_flow.as_ref().expect("SubTB needs a learned state flow");
+pub fn sub_trajectory_balance(
+    ev: &Evaluated,
+    batch: &PreparedBatch,
+    lambda: f64,
+    weighting: SubTbWeighting,
+) -> Tensor {
+    let log_flow = ev
+        .log_flow
+        .as_ref()
+        .expect("SubTB needs a learned state flow");
     let device = log_flow.device();
     let (weights, p) = subtb_weights(&batch.offsets, lambda, weighting);
     let n_traj = batch.n_trajectories;
@@ -89,10 +105,23 @@ pub fn sub_trajectory_balance(ev: &Evaluated, batch: &PreparedBatch, lambda: f64
     let edges = Tensor::cat(&[edge, zero.shallow_clone()], 0)
         .index_select(0, &host_tensor(&edge_index, device))
         .view([n_traj as i64, p as i64 - 1]);
-    let cumulative = Tensor::cat(&[Tensor::zeros([n_traj as i64, 1], (Kind::Float, device)), edges.cumsum(1, Kind::Float)], 1);
-    let flows = Tensor::cat(&[log_flow.shallow_clone(), batch.log_rewards.shallow_clone(), zero], 0)
-        .index_select(0, &host_tensor(&flow_index, device))
-        .view([n_traj as i64, p as i64]);
+    let cumulative = Tensor::cat(
+        &[
+            Tensor::zeros([n_traj as i64, 1], (Kind::Float, device)),
+            edges.cumsum(1, Kind::Float),
+        ],
+        1,
+    );
+    let flows = Tensor::cat(
+        &[
+            log_flow.shallow_clone(),
+            batch.log_rewards.shallow_clone(),
+            zero,
+        ],
+        0,
+    )
+    .index_select(0, &host_tensor(&flow_index, device))
+    .view([n_traj as i64, p as i64]);
     // residual(i, j) = (log F_i − C_i) − (log F_j − C_j), with C the cumulative log-ratio.
     let g = flows - cumulative;
     let residual = g.unsqueeze(2) - g.unsqueeze(1);
@@ -128,7 +157,11 @@ mod tests {
         let (w, p) = subtb_weights(&[0, 2], 0.5, SubTbWeighting::GeometricWithin);
         assert_eq!(p, 3);
         let at = |i: usize, j: usize| w[i * p + j];
-        assert!((at(0, 1) - 0.4).abs() < 1e-6 && (at(1, 2) - 0.4).abs() < 1e-6 && (at(0, 2) - 0.2).abs() < 1e-6);
+        assert!(
+            (at(0, 1) - 0.4).abs() < 1e-6
+                && (at(1, 2) - 0.4).abs() < 1e-6
+                && (at(0, 2) - 0.2).abs() < 1e-6
+        );
         assert_eq!(at(1, 0), 0.0);
     }
 }

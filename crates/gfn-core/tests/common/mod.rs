@@ -7,7 +7,11 @@ use gfn_core::truth::all_states;
 use tch::Tensor;
 
 pub fn grid(dim: usize, height: usize, r0: f64) -> HyperGrid {
-    HyperGrid::new(HyperGridConfig { r0, ..HyperGridConfig::new(dim, height, RewardPreset::Standard) }).unwrap()
+    HyperGrid::new(HyperGridConfig {
+        r0,
+        ..HyperGridConfig::new(dim, height, RewardPreset::Standard)
+    })
+    .unwrap()
 }
 
 /// A flow-consistent solution for a given backward policy, by enumeration in reverse
@@ -23,7 +27,10 @@ pub struct OptimalFlows {
 }
 
 /// `pb_weights(state_index, backward_action)` gives unnormalised backward preferences.
-pub fn optimal_flows(env: &dyn Environment, pb_weights: impl Fn(usize, usize) -> f64) -> OptimalFlows {
+pub fn optimal_flows(
+    env: &dyn Environment,
+    pb_weights: impl Fn(usize, usize) -> f64,
+) -> OptimalFlows {
     let states = all_states(env).unwrap();
     let (d, na, nb) = (env.state_dim(), env.n_actions(), env.n_backward_actions());
     let n = states.len() / d;
@@ -35,7 +42,10 @@ pub fn optimal_flows(env: &dyn Environment, pb_weights: impl Fn(usize, usize) ->
     env.log_reward(&states, &mut log_r);
     let mut pb = vec![0f64; n * nb];
     for i in 0..n {
-        let total: f64 = (0..nb).filter(|&b| bmask[i * nb + b]).map(|b| pb_weights(i, b)).sum();
+        let total: f64 = (0..nb)
+            .filter(|&b| bmask[i * nb + b])
+            .map(|b| pb_weights(i, b))
+            .sum();
         for b in (0..nb).filter(|&b| bmask[i * nb + b]) {
             pb[i * nb + b] = pb_weights(i, b) / total;
         }
@@ -59,7 +69,8 @@ pub fn optimal_flows(env: &dyn Environment, pb_weights: impl Fn(usize, usize) ->
     for i in 0..n {
         for a in (0..na - 1).filter(|&a| fmask[i * na + a]) {
             let c = child_of(i, a);
-            let edge = flow[c] * pb[c * nb + env.backward_action_of(&states[i * d..(i + 1) * d], a)];
+            let edge =
+                flow[c] * pb[c * nb + env.backward_action_of(&states[i * d..(i + 1) * d], a)];
             log_edge_flow[i * na + a] = edge.ln();
             log_pf[i * na + a] = (edge / flow[i]).ln();
         }
@@ -67,7 +78,10 @@ pub fn optimal_flows(env: &dyn Environment, pb_weights: impl Fn(usize, usize) ->
         log_pf[i * na + na - 1] = log_r[i] as f64 - flow[i].ln();
     }
     OptimalFlows {
-        log_pb: pb.iter().map(|p| if *p > 0.0 { p.ln() } else { f64::NEG_INFINITY }).collect(),
+        log_pb: pb
+            .iter()
+            .map(|p| if *p > 0.0 { p.ln() } else { f64::NEG_INFINITY })
+            .collect(),
         log_flow: flow.iter().map(|f| f.ln()).collect(),
         log_pf,
         log_edge_flow,
@@ -78,9 +92,18 @@ pub fn optimal_flows(env: &dyn Environment, pb_weights: impl Fn(usize, usize) ->
 /// they are masked anyway).
 pub fn set_param(estimators: &mut Estimators, name: &str, values: &[f64]) {
     let mut flat = estimators.params.to_vec();
-    let spec = estimators.params.specs().iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no parameter {name}")).clone();
+    let spec = estimators
+        .params
+        .specs()
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no parameter {name}"))
+        .clone();
     assert_eq!(spec.numel(), values.len(), "{name}");
-    for (dst, &v) in flat[spec.offset..spec.offset + spec.numel()].iter_mut().zip(values) {
+    for (dst, &v) in flat[spec.offset..spec.offset + spec.numel()]
+        .iter_mut()
+        .zip(values)
+    {
         *dst = if v.is_finite() { v as f32 } else { 0.0 };
     }
     estimators.params.copy_from(&Tensor::from_slice(&flat));
