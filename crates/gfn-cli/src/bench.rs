@@ -43,7 +43,7 @@ pub fn run(plan: &BenchPlan) -> Result<Vec<BenchRow>> {
                 ];
                 overrides.extend(plan.overrides.iter().cloned());
                 let config = Config::default().with_overrides(&overrides)?;
-                let mut state = build_state(&config, Path::new("."), false)?;
+                let mut state = build_state(&config, Path::new("."), false, config.device()?, 0)?;
                 let mut reducer = NoReduction;
                 for _ in 0..plan.warmup {
                     state.train_step(&mut reducer)?;

@@ -22,6 +22,25 @@ pub struct Config {
     pub sampling: SamplingSection,
     pub replay: ReplaySection,
     pub train: TrainSection,
+    pub ddp: DdpSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DdpSection {
+    /// auto (NCCL with CUDA, else MPI; local for one rank), nccl, mpi or local.
+    pub backend: String,
+    /// Seconds any rank waits for the others (rendezvous, start-up) before giving up.
+    pub timeout_s: u64,
+}
+
+impl Default for DdpSection {
+    fn default() -> Self {
+        DdpSection {
+            backend: "auto".into(),
+            timeout_s: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -245,7 +264,7 @@ impl Config {
                 table = table
                     .get_mut(*part)
                     .and_then(|v| v.as_table_mut())
-                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train)"))?;
+                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train, ddp)"))?;
             }
             table.insert(parts[parts.len() - 1].to_string(), value);
         }
@@ -322,6 +341,15 @@ impl Config {
 
     pub fn device(&self) -> Result<Device> {
         parse_device(&self.train.device)
+    }
+
+    pub fn backend(&self) -> Result<gfn_ddp::world::Backend> {
+        self.ddp.backend.parse().map_err(|_| {
+            anyhow!(
+                "invalid ddp.backend = {:?}: expected auto, nccl, mpi or local",
+                self.ddp.backend
+            )
+        })
     }
 }
 

@@ -8,8 +8,11 @@ mod run;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use config::Config;
+use gfn_ddp::launch_env::RankInfo;
+use gfn_ddp::world::World;
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +50,9 @@ struct TrainArgs {
     /// auto, cpu, cuda or cuda:N (same as --set train.device=...).
     #[arg(long)]
     device: Option<String>,
+    /// Communicator between rank processes: auto, nccl, mpi or local (same as --set ddp.backend=...).
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 #[derive(Args)]
@@ -91,6 +97,9 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(device) = args.device {
         overrides.push(format!("train.device={device:?}"));
     }
+    if let Some(backend) = args.backend {
+        overrides.push(format!("ddp.backend={backend:?}"));
+    }
     let (config, out, resume) = match args.resume {
         Some(dir) => {
             let path = dir.join(run::CONFIG_FILE);
@@ -129,13 +138,19 @@ fn train(args: TrainArgs) -> Result<()> {
             (base.with_overrides(&overrides)?, out, false)
         }
     };
-    let summary = run::train(run::TrainRequest {
-        config,
-        out: out.clone(),
-        resume,
-    })?;
-    print!("{}", run::summary_table(&summary));
-    println!("run directory: {}", out.display());
+    let backend = config.backend()?;
+    let mut world = World::join(backend, Duration::from_secs(config.ddp.timeout_s))?;
+    if let Some(summary) = run::train(
+        run::TrainRequest {
+            config,
+            out: out.clone(),
+            resume,
+        },
+        &mut world,
+    )? {
+        print!("{}", run::summary_table(&summary));
+        println!("run directory: {}", out.display());
+    }
     Ok(())
 }
 
@@ -179,11 +194,18 @@ fn keep_freed_memory() {
 
 fn main() {
     keep_freed_memory();
+    // Only rank 0 talks; the others log warnings and errors. (The rank is read again, and
+    // validated, when joining the job.)
+    let default_level = match RankInfo::from_env() {
+        Ok(info) if info.rank > 0 => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .init();
     let result = match Cli::parse().command {
@@ -191,7 +213,12 @@ fn main() {
         Command::Bench(args) => bench(args),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        match RankInfo::from_env() {
+            Ok(info) if info.world_size > 1 => eprintln!("error: [rank {}] {err:#}", info.rank),
+            _ => eprintln!("error: {err:#}"),
+        }
+        // Exit without unwinding: a rank that fails must not wait in MPI_Finalize for peers that
+        // are blocked in a collective; the launcher sees the exit code and ends the job.
         std::process::exit(1);
     }
 }

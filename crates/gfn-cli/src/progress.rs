@@ -52,7 +52,7 @@ impl Progress {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step);
-                if step % 16 == 0 || step == self.total {
+                if step.is_multiple_of(16) || step == self.total {
                     bar.set_message(format!(
                         "loss {loss:.4} {steps_per_s:.0} steps/s{eval_part}"
                     ));

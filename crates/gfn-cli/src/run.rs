@@ -6,11 +6,15 @@ use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use gfn_core::checkpoint;
 use gfn_core::env::HyperGrid;
-use gfn_core::train::{Evaluation, NoReduction, StepMetrics, TrainState};
+use gfn_core::train::{Evaluation, StepMetrics, TrainState};
+use gfn_ddp::comm::ReduceOp;
+use gfn_ddp::reducer::AllReduceGradients;
+use gfn_ddp::world::World;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const CHECKPOINT_FILE: &str = "checkpoint.pt";
@@ -47,6 +51,10 @@ pub struct Summary {
     pub trajectories: u64,
     pub wall_s: f64,
     pub steps_per_s: f64,
+    /// Training ranks (data parallel).
+    pub ranks: usize,
+    pub backend: String,
+    pub all_reduce_ms_per_step: f64,
     pub device: String,
 }
 
@@ -56,15 +64,21 @@ pub struct TrainRequest {
     pub resume: bool,
 }
 
-/// Builds the state for `config`, restoring the checkpoint in `out` when resuming.
-pub fn build_state(config: &Config, out: &Path, resume: bool) -> Result<TrainState> {
+/// Builds the state for `config` on `device` (sampling stream `stream`), restoring the
+/// checkpoint in `out` when resuming.
+pub fn build_state(
+    config: &Config,
+    out: &Path,
+    resume: bool,
+    device: Device,
+    stream: u64,
+) -> Result<TrainState> {
     let train_config = config.train_config()?;
-    let device = config.device()?;
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
     }
     let env = HyperGrid::new(config.env()?)?;
-    let mut state = TrainState::new(Box::new(env), train_config, device, 0)?;
+    let mut state = TrainState::new(Box::new(env), train_config, device, stream)?;
     if resume {
         checkpoint::load(&mut state, &out.join(CHECKPOINT_FILE))?;
     }
@@ -81,16 +95,61 @@ pub fn prepare_out_dir(out: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn train(request: TrainRequest) -> Result<Summary> {
+/// Everything rank 0 needs at an evaluation that involves the other ranks: the union of the
+/// modes they found and their mean loss.
+fn gather_for_evaluation(state: &mut TrainState, world: &mut World, loss: f64) -> Result<f64> {
+    if world.world_size() == 1 {
+        return Ok(loss);
+    }
+    let modes = state.truth.modes.clone();
+    let found = state.modes.found_indices();
+    let mut values: Vec<f32> = modes
+        .iter()
+        .map(|m| found.binary_search(m).is_ok() as u8 as f32)
+        .collect();
+    values.push(loss as f32);
+    let mut buffer = Tensor::from_slice(&values).to_device(state.estimators.device());
+    world.comm.all_reduce(&mut buffer, ReduceOp::Sum)?;
+    let summed = Vec::<f32>::try_from(buffer.to_device(Device::Cpu))?;
+    let newly_seen = modes
+        .iter()
+        .zip(&summed)
+        .filter(|(_, &count)| count > 0.0)
+        .map(|(&m, _)| m);
+    state.modes.observe(&state.truth, newly_seen);
+    Ok(summed[modes.len()] as f64 / world.world_size() as f64)
+}
+
+/// Trains on this rank. Rank 0 evaluates, logs, checkpoints and returns the summary; the other
+/// ranks return `None`.
+pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>> {
     let TrainRequest {
         config,
         out,
         resume,
     } = request;
-    prepare_out_dir(&out)?;
-    let mut state = build_state(&config, &out, resume)?;
-    std::fs::write(out.join(CONFIG_FILE), config.to_toml())
-        .with_context(|| format!("writing {}", out.join(CONFIG_FILE).display()))?;
+    let root = world.is_root();
+    let (rank, world_size) = (world.rank(), world.world_size());
+    if root {
+        prepare_out_dir(&out)?;
+    }
+    let device = match world.device {
+        Some(device) => device,
+        None => config.device()?,
+    };
+    let mut state = build_state(&config, &out, resume, device, rank as u64)?;
+    if world_size > 1 {
+        // Every rank starts from rank 0's parameters (and, resuming, its optimizer state).
+        let mut params = state.estimators.params.flat().shallow_clone();
+        world.comm.broadcast(&mut params, 0)?;
+        if resume {
+            state.reseed_sampling(rank as u64);
+        }
+    }
+    if root {
+        std::fs::write(out.join(CONFIG_FILE), config.to_toml())
+            .with_context(|| format!("writing {}", out.join(CONFIG_FILE).display()))?;
+    }
     let total = config.train.steps;
     if state.step > total {
         bail!(
@@ -99,25 +158,36 @@ pub fn train(request: TrainRequest) -> Result<Summary> {
             state.step
         );
     }
-    let device = format!("{:?}", state.estimators.device()).to_lowercase();
-    tracing::info!(
-        env = %format!("hypergrid {}x{}", config.env.dim, config.env.height),
-        loss = ?config.loss.name,
-        batch = config.sampling.batch_size,
-        params = state.estimators.params.len(),
-        device = %device,
-        out = %out.display(),
-        "training from step {} to {total}",
-        state.step
-    );
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out.join(METRICS_FILE))?;
+    let device_name = format!("{device:?}").to_lowercase();
+    if root {
+        tracing::info!(
+            env = %format!("hypergrid {}x{}", config.env.dim, config.env.height),
+            loss = ?config.loss.name,
+            batch = config.sampling.batch_size,
+            ranks = world_size,
+            backend = world.comm.backend(),
+            params = state.estimators.params.len(),
+            device = %device_name,
+            out = %out.display(),
+            "training from step {} to {total}",
+            state.step
+        );
+    }
+    let mut metrics_file = if root {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out.join(METRICS_FILE))?,
+        )
+    } else {
+        None
+    };
     let started = Instant::now();
     let mut train_time = 0.0;
+    let mut all_reduce_time = Duration::ZERO;
     let first_step = state.step;
-    let mut progress = Progress::new(first_step, total);
+    let mut progress = root.then(|| Progress::new(first_step, total));
     let mut last = StepMetrics {
         loss: f64::NAN,
         batch_trajectories: 0,
@@ -126,39 +196,54 @@ pub fn train(request: TrainRequest) -> Result<Summary> {
         epsilon: state.epsilon(),
     };
     let mut last_eval = None;
-    let mut reducer = NoReduction;
-    let due = |every: u64, step: u64| every > 0 && step % every == 0;
+    let due = |every: u64, step: u64| every > 0 && step.is_multiple_of(every);
     while state.step < total {
         let t = Instant::now();
+        let mut reducer = AllReduceGradients::new(world.comm.as_mut());
         last = state.train_step(&mut reducer)?;
+        all_reduce_time += reducer.elapsed;
         train_time += t.elapsed().as_secs_f64();
         let steps_per_s = (state.step - first_step) as f64 / train_time;
+        let trajectories = state.trajectories * world_size as u64;
         if due(config.train.validate_every, state.step) || state.step == total {
-            let eval = state.evaluate(config.train.eval_samples)?;
-            let line = MetricsLine {
-                step: state.step,
-                trajectories: state.trajectories,
-                wall_s: started.elapsed().as_secs_f64(),
-                steps_per_s,
-                train: &last,
-                eval: &eval,
-            };
-            writeln!(metrics_file, "{}", serde_json::to_string(&line)?)?;
-            progress.evaluation(state.step, &eval);
-            last_eval = Some(eval);
+            last.loss = gather_for_evaluation(&mut state, world, last.loss)?;
+            if let Some(file) = metrics_file.as_mut() {
+                let eval = state.evaluate(config.train.eval_samples)?;
+                let line = MetricsLine {
+                    step: state.step,
+                    trajectories,
+                    wall_s: started.elapsed().as_secs_f64(),
+                    steps_per_s,
+                    train: &last,
+                    eval: &eval,
+                };
+                writeln!(file, "{}", serde_json::to_string(&line)?)?;
+                if let Some(p) = &progress {
+                    p.evaluation(state.step, &eval);
+                }
+                last_eval = Some(eval);
+            }
         }
-        if due(config.train.checkpoint_every, state.step) || state.step == total {
+        if root && (due(config.train.checkpoint_every, state.step) || state.step == total) {
             checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
         }
-        progress.step(
-            state.step,
-            state.trajectories,
-            last.loss,
-            steps_per_s,
-            last_eval.as_ref(),
-        );
+        if let Some(p) = progress.as_mut() {
+            p.step(
+                state.step,
+                trajectories,
+                last.loss,
+                steps_per_s,
+                last_eval.as_ref(),
+            );
+        }
     }
-    progress.finish();
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    world.comm.barrier()?;
+    if !root {
+        return Ok(None);
+    }
     // A run with nothing left to do (e.g. resumed at its last step) still reports and saves.
     let eval = match last_eval {
         Some(eval) => eval,
@@ -167,6 +252,7 @@ pub fn train(request: TrainRequest) -> Result<Summary> {
             state.evaluate(config.train.eval_samples)?
         }
     };
+    let steps_done = state.step - first_step;
     let d = &eval.distribution;
     let summary = Summary {
         loss: last.loss,
@@ -181,20 +267,27 @@ pub fn train(request: TrainRequest) -> Result<Summary> {
         log_z: eval.log_z,
         true_log_z: eval.true_log_z,
         steps: state.step,
-        trajectories: state.trajectories,
+        trajectories: state.trajectories * world_size as u64,
         wall_s: started.elapsed().as_secs_f64(),
         steps_per_s: if train_time > 0.0 {
-            (state.step - first_step) as f64 / train_time
+            steps_done as f64 / train_time
         } else {
             0.0
         },
-        device,
+        ranks: world_size,
+        backend: world.comm.backend().to_string(),
+        all_reduce_ms_per_step: if steps_done > 0 {
+            1e3 * all_reduce_time.as_secs_f64() / steps_done as f64
+        } else {
+            0.0
+        },
+        device: device_name,
     };
     std::fs::write(
         out.join(SUMMARY_FILE),
         serde_json::to_string_pretty(&summary)? + "\n",
     )?;
-    Ok(summary)
+    Ok(Some(summary))
 }
 
 /// The summary as an aligned two-column table.

@@ -15,6 +15,9 @@ pub enum Error {
     TooLargeToEnumerate { n_states: u128, limit: usize },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
+    /// A collective of the gradient hook failed (data-parallel training).
+    #[error("collective: {0}")]
+    Collective(String),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("io: {0}")]

@@ -127,9 +127,7 @@ impl Adam {
             let mut p = params.flat().shallow_clone();
             let mut grad = grad.shallow_clone();
             match c.kind {
-                OptimizerKind::Adam if c.weight_decay > 0.0 => {
-                    grad = grad + &p * &self.weight_decay
-                }
+                OptimizerKind::Adam if c.weight_decay > 0.0 => grad += &p * &self.weight_decay,
                 OptimizerKind::AdamW if c.weight_decay > 0.0 => {
                     let _ = p.g_mul_(&(1.0 - &self.lr * &self.weight_decay));
                 }

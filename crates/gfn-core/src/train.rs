@@ -244,6 +244,15 @@ impl TrainState {
         self.update(&batch, reducer)
     }
 
+    /// Re-derives the sampling RNG from (seed, step, stream): a data-parallel run resumed from
+    /// rank 0's checkpoint gives each rank a fresh, distinct stream.
+    pub fn reseed_sampling(&mut self, stream: u64) {
+        self.rng = ChaCha8Rng::seed_from_u64(
+            self.config.seed ^ self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        self.rng.set_stream(stream + 1);
+    }
+
     /// Metrics of the current policy. Uses its own RNG (derived from seed and step) so that
     /// evaluating never changes the training trajectory.
     pub fn evaluate(&self, n_samples: usize) -> Result<Evaluation> {

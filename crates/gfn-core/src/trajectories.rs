@@ -70,7 +70,7 @@ impl Trajectories {
     /// Index of the trajectory that each state belongs to.
     pub fn trajectory_of_states(&self) -> Vec<i64> {
         (0..self.len())
-            .flat_map(|b| std::iter::repeat(b as i64).take(self.offsets[b + 1] - self.offsets[b]))
+            .flat_map(|b| std::iter::repeat_n(b as i64, self.offsets[b + 1] - self.offsets[b]))
             .collect()
     }
 

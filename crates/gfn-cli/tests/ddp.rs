@@ -1,0 +1,204 @@
+//! `gfn train` across rank processes: two MPI ranks, torchrun-style variables, a rank that never
+//! arrives, and `srun` without the PMIx plugin.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const GFN: &str = env!("CARGO_BIN_EXE_gfn");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gfn-ddp-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn summary(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
+fn mpirun(args: &[&str]) -> Output {
+    Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", GFN])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("mpirun runs (installed by launch/setup.sh)")
+}
+
+/// A command with no launcher variables inherited from the test's own environment.
+fn bare_gfn() -> Command {
+    let mut c = Command::new(GFN);
+    for (k, _) in std::env::vars() {
+        if [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_",
+            "OMPI_",
+            "PMI",
+            "SLURM_",
+            "MV2_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+        {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "warn")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const QUALITY_RUN: &[&str] = &[
+    "--set",
+    "env.dim=2",
+    "--set",
+    "train.steps=1000",
+    "--set",
+    "train.validate_every=1000",
+    "--set",
+    "train.eval_samples=10000",
+    "--set",
+    "train.threads=1",
+    "--device",
+    "cpu",
+];
+
+#[test]
+fn two_mpi_ranks_learn_as_well_as_one_with_the_same_total_batch() {
+    let two = scratch("two");
+    let mut args = vec![
+        "train",
+        "--out",
+        two.to_str().unwrap(),
+        "--set",
+        "sampling.batch_size=8",
+    ];
+    args.extend_from_slice(QUALITY_RUN);
+    assert_ok(&mpirun(&args));
+    let s = summary(&two);
+    assert_eq!(s["ranks"], 2);
+    assert_eq!(s["backend"], "mpi");
+    assert_eq!(s["trajectories"], 16_000);
+    let tv = s["exact_tv"].as_f64().unwrap();
+    // The single-rank test reaches < 0.05 with batch 16 in 1000 steps; so must two ranks of 8.
+    assert!(tv < 0.05, "2 ranks x batch 8: exact TV {tv}");
+    assert!(two.join("checkpoint.pt").exists());
+
+    // Resuming with the same world size continues from rank 0's checkpoint.
+    let resumed = mpirun(&[
+        "train",
+        "--resume",
+        two.to_str().unwrap(),
+        "--set",
+        "train.steps=1100",
+    ]);
+    assert_ok(&resumed);
+    assert_eq!(summary(&two)["steps"], 1100);
+    let _ = std::fs::remove_dir_all(two);
+}
+
+#[test]
+fn torchrun_style_variables_with_one_rank_train() {
+    let out = scratch("torchrun1");
+    let result = bare_gfn()
+        .args([
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "env.dim=2",
+            "--set",
+            "train.steps=20",
+            "--set",
+            "train.eval_samples=1000",
+            "--device",
+            "cpu",
+        ])
+        .envs([
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("LOCAL_WORLD_SIZE", "1"),
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&result);
+    assert_eq!(summary(&out)["ranks"], 1);
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn a_rank_that_never_arrives_ends_in_a_timeout_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        - 1;
+    let out = scratch("timeout");
+    let start = Instant::now();
+    let result = bare_gfn()
+        .args([
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            "ddp.timeout_s=2",
+            "--device",
+            "cpu",
+        ])
+        .envs([
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", &port.to_string()),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success());
+    assert!(
+        stderr.contains("ranks [1] of 2 did not arrive within 2 s"),
+        "{stderr}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn srun_without_pmix_is_explained() {
+    let out = scratch("srun");
+    let result = bare_gfn()
+        .args([
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--backend",
+            "mpi",
+            "--set",
+            "ddp.timeout_s=30",
+        ])
+        .envs([
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_LOCALID", "0"),
+            ("SLURM_NODELIST", "localhost"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success());
+    assert!(stderr.contains("srun --mpi=pmix"), "{stderr}");
+}

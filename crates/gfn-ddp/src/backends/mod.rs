@@ -1,0 +1,6 @@
+//! Communicator backends: `local` (in [`crate::comm`]), `mpi` and `nccl` behind cargo features.
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;

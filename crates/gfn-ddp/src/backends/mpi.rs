@@ -1,0 +1,135 @@
+//! MPI backend (rsmpi): collectives on host memory; device tensors are staged through the host.
+
+use crate::comm::{Communicator, ReduceOp};
+use crate::watchdog::Watchdog;
+use crate::{DdpError, Result};
+use mpi::collective::SystemOperation;
+use mpi::environment::Universe;
+use mpi::topology::{Color, SimpleCommunicator};
+use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+/// The MPI world of this process (`MPI_Init` on creation, `MPI_Finalize` on drop).
+pub struct MpiWorld {
+    universe: Universe,
+}
+
+impl MpiWorld {
+    /// Initialises MPI, giving up after `timeout` if the other ranks never join.
+    pub fn init(timeout: Duration) -> Result<Self> {
+        let _watchdog = Watchdog::arm("MPI start-up (MPI_Init) to see every rank", timeout);
+        let universe = mpi::initialize().ok_or_else(|| DdpError::Backend {
+            backend: "mpi",
+            reason: "MPI was already initialised".into(),
+        })?;
+        Ok(MpiWorld { universe })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.universe.world().rank() as usize
+    }
+
+    pub fn size(&self) -> usize {
+        self.universe.world().size() as usize
+    }
+
+    /// Sends `bytes` from world rank 0 to every rank (e.g. the NCCL unique id).
+    pub fn broadcast_bytes(&self, bytes: &mut [u8]) {
+        self.universe
+            .world()
+            .process_at_rank(0)
+            .broadcast_into(bytes);
+    }
+
+    /// A communicator over the world ranks `0..members` (the training ranks); `None` on ranks
+    /// outside it.
+    pub fn communicator(&self, members: usize) -> Option<MpiCommunicator> {
+        let world = self.universe.world();
+        let color = if (world.rank() as usize) < members {
+            Color::with_value(0)
+        } else {
+            Color::undefined()
+        };
+        world
+            .split_by_color(color)
+            .map(|comm| MpiCommunicator { comm })
+    }
+}
+
+pub struct MpiCommunicator {
+    comm: SimpleCommunicator,
+}
+
+/// Runs `f` on the tensor's f32 data in host memory, copying back if it lives elsewhere.
+fn with_host_slice<R>(buffer: &mut Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
+    if buffer.kind() != Kind::Float {
+        return Err(DdpError::Backend {
+            backend: "mpi",
+            reason: format!("collectives take f32 tensors, got {:?}", buffer.kind()),
+        });
+    }
+    let on_host = buffer.device() == Device::Cpu && buffer.is_contiguous();
+    let host = if on_host {
+        buffer.shallow_clone()
+    } else {
+        buffer.to_device(Device::Cpu).contiguous()
+    };
+    let n = host.numel();
+    // SAFETY: `host` is a contiguous f32 CPU tensor of `n` elements that nothing else touches
+    // while `f` runs.
+    let slice = unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut f32, n) };
+    let out = f(slice);
+    if !on_host {
+        tch::no_grad(|| buffer.copy_(&host));
+    }
+    Ok(out)
+}
+
+impl Communicator for MpiCommunicator {
+    fn rank(&self) -> usize {
+        self.comm.rank() as usize
+    }
+    fn world_size(&self) -> usize {
+        self.comm.size() as usize
+    }
+    fn backend(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn all_reduce(&mut self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
+        let world = self.world_size() as f32;
+        let comm = &self.comm;
+        with_host_slice(buffer, |data| {
+            let send = data.to_vec();
+            comm.all_reduce_into(&send[..], data, SystemOperation::sum());
+            if op == ReduceOp::Average {
+                data.iter_mut().for_each(|x| *x /= world);
+            }
+        })
+    }
+
+    fn broadcast(&mut self, buffer: &mut Tensor, root: usize) -> Result<()> {
+        let comm = &self.comm;
+        with_host_slice(buffer, |data| {
+            comm.process_at_rank(root as i32).broadcast_into(data)
+        })
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.comm.barrier();
+        Ok(())
+    }
+
+    fn gather(&mut self, values: &[f64], root: usize) -> Result<Option<Vec<f64>>> {
+        let root_process = self.comm.process_at_rank(root as i32);
+        if self.rank() == root {
+            let mut out = vec![0f64; values.len() * self.world_size()];
+            root_process.gather_into_root(values, &mut out[..]);
+            Ok(Some(out))
+        } else {
+            root_process.gather_into(values);
+            Ok(None)
+        }
+    }
+}
