@@ -202,3 +202,47 @@ fn srun_without_pmix_is_explained() {
     assert!(!result.status.success());
     assert!(stderr.contains("srun --mpi=pmix"), "{stderr}");
 }
+
+/// Under `srun` on the one-node Slurm cluster that launch/test.sh starts (GFN_TEST_SLURM=1).
+#[test]
+fn srun_with_pmix_trains_two_ranks_and_without_it_explains() {
+    if std::env::var("GFN_TEST_SLURM").as_deref() != Ok("1") {
+        eprintln!(
+            "needs a Slurm cluster: run launch/local-slurm.sh as root and set GFN_TEST_SLURM=1"
+        );
+        return;
+    }
+    let out = scratch("srun-pmix");
+    let train = [
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "env.dim=2",
+        "--set",
+        "train.steps=50",
+        "--set",
+        "train.eval_samples=1000",
+        "--set",
+        "train.threads=1",
+        "--device",
+        "cpu",
+    ];
+    let result = Command::new("srun")
+        .args(["--mpi=pmix", "-n", "2", GFN])
+        .args(train)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_ok(&result);
+    assert_eq!(summary(&out)["ranks"], 2);
+    assert_eq!(summary(&out)["backend"], "mpi");
+    let result = Command::new("srun")
+        .args(["-n", "2", GFN])
+        .args(train)
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    assert!(String::from_utf8_lossy(&result.stderr).contains("srun --mpi=pmix"));
+    let _ = std::fs::remove_dir_all(out);
+}
