@@ -135,14 +135,15 @@ pub struct OptimSection {
 
 impl Default for OptimSection {
     fn default() -> Self {
+        let d = OptimizerConfig::default();
         OptimSection {
-            name: OptimizerKind::Adam,
-            lr: 1e-3,
-            lr_log_z: 0.1,
-            weight_decay: 1e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+            name: d.kind,
+            lr: d.lr,
+            lr_log_z: d.lr_log_z,
+            weight_decay: d.weight_decay,
+            beta1: d.beta1,
+            beta2: d.beta2,
+            eps: d.eps,
         }
     }
 }

@@ -195,10 +195,12 @@ fn keep_freed_memory() {
 fn main() {
     keep_freed_memory();
     // Only rank 0 talks; the others log warnings and errors. (The rank is read again, and
-    // validated, when joining the job.)
-    let default_level = match RankInfo::from_env() {
-        Ok(info) if info.rank > 0 => "warn",
-        _ => "info",
+    // validated, when joining the job; here a malformed variable just means "not a peer".)
+    let peer = RankInfo::from_env().ok().filter(|info| info.world_size > 1);
+    let default_level = if peer.as_ref().is_some_and(|info| info.rank > 0) {
+        "warn"
+    } else {
+        "info"
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -213,9 +215,9 @@ fn main() {
         Command::Bench(args) => bench(args),
     };
     if let Err(err) = result {
-        match RankInfo::from_env() {
-            Ok(info) if info.world_size > 1 => eprintln!("error: [rank {}] {err:#}", info.rank),
-            _ => eprintln!("error: {err:#}"),
+        match peer {
+            Some(info) => eprintln!("error: [rank {}] {err:#}", info.rank),
+            None => eprintln!("error: {err:#}"),
         }
         // Exit without unwinding: a rank that fails must not wait in MPI_Finalize for peers that
         // are blocked in a collective; the launcher sees the exit code and ends the job.

@@ -27,6 +27,21 @@ pub struct OptimizerConfig {
     pub eps: f64,
 }
 
+/// torchgfn's HyperGrid defaults: Adam, lr 1e-3, log Z lr 0.1, weight decay 1e-4.
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            kind: OptimizerKind::Adam,
+            lr: 1e-3,
+            lr_log_z: 0.1,
+            weight_decay: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
 impl OptimizerConfig {
     pub fn validate(&self) -> Result<()> {
         for (field, value) in [

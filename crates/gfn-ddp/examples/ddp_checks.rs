@@ -5,7 +5,7 @@
 use gfn_core::env::{HyperGrid, HyperGridConfig, RewardPreset};
 use gfn_core::estimators::{Architecture, BackwardPolicy};
 use gfn_core::losses::{LossConfig, LossKind};
-use gfn_core::optim::{OptimizerConfig, OptimizerKind};
+use gfn_core::optim::OptimizerConfig;
 use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
 use gfn_core::train::{NoReduction, ReplayConfig, TrainConfig, TrainState};
@@ -22,15 +22,7 @@ fn state(kind: LossKind, stream: u64) -> TrainState {
         },
         backward: BackwardPolicy::Learned,
         loss: LossConfig::new(kind),
-        optimizer: OptimizerConfig {
-            kind: OptimizerKind::Adam,
-            lr: 1e-3,
-            lr_log_z: 0.1,
-            weight_decay: 1e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
+        optimizer: OptimizerConfig::default(),
         batch_size: 8,
         epsilon: EpsilonSchedule {
             start: 0.1,
