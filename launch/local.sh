@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One node, N training ranks: `launch/local.sh -n N train [gfn args]`.
-# With GPUs: N processes with torchrun-style variables, one GPU each (NCCL).
+# One node, N ranks: `launch/local.sh -n N train [gfn args]`.
+# With GPUs: N processes with torchrun-style variables, one GPU per training rank (NCCL); the
+#            last --num-remote-buffers ranks serve the replay buffer and need no GPU.
 # Without:   mpirun -np N (MPI), one libtorch thread per rank.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,8 +13,17 @@ gfn="$root/target/release/gfn"
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"; fi
+buffers=0
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --num-remote-buffers) buffers="${args[i+1]:-0}" ;;
+    --num-remote-buffers=*) buffers="${args[i]#*=}" ;;
+  esac
+done
 if [ "$gpus" -gt 0 ]; then
-  [ "$ranks" -le "$gpus" ] || { echo "local.sh: $ranks ranks but $gpus GPUs on this node" >&2; exit 2; }
+  trainers=$((ranks - buffers))
+  [ "$trainers" -le "$gpus" ] || { echo "local.sh: $trainers training ranks but $gpus GPUs on this node" >&2; exit 2; }
   port="${MASTER_PORT:-$((20000 + RANDOM % 20000))}"
   pids=()
   for ((r = 0; r < ranks; r++)); do

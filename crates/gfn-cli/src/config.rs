@@ -2,6 +2,7 @@
 //! with `--set section.key=value`, validated into the core library's types.
 
 use anyhow::{anyhow, bail, Context, Result};
+use gfn_buffer::store::Policy as BufferPolicy;
 use gfn_core::env::{HyperGridConfig, RewardPreset};
 use gfn_core::estimators::{Architecture, BackwardPolicy};
 use gfn_core::losses::{LossConfig, LossKind, SubTbWeighting};
@@ -23,7 +24,38 @@ pub struct Config {
     pub replay: ReplaySection,
     pub train: TrainSection,
     pub ddp: DdpSection,
+    pub buffer: BufferSection,
 }
+
+/// Replay-buffer ranks: the last `num_remote` ranks of the job serve a shared replay buffer
+/// and never train; replayed trajectories are mixed in at `replay.ratio`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferSection {
+    /// Number of buffer ranks (`--num-remote-buffers`); 0: none.
+    pub num_remote: usize,
+    /// Trajectories each buffer rank keeps.
+    pub capacity: usize,
+    /// fifo, prioritized (sampling proportional to R(x)) or unique (one per terminal state).
+    pub policy: BufferPolicy,
+    /// A lost buffer rank ends the run instead of falling back to local replay.
+    pub fatal: bool,
+}
+
+impl Default for BufferSection {
+    fn default() -> Self {
+        BufferSection {
+            num_remote: 0,
+            capacity: 100_000,
+            policy: BufferPolicy::Fifo,
+            fatal: false,
+        }
+    }
+}
+
+/// Local replay kept by each trainer while remote buffers are in use, to fall back on if its
+/// buffer rank is lost (unless `replay.capacity` sets it).
+pub const FALLBACK_REPLAY_CAPACITY: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -265,7 +297,7 @@ impl Config {
                 table = table
                     .get_mut(*part)
                     .and_then(|v| v.as_table_mut())
-                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train, ddp)"))?;
+                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train, ddp, buffer)"))?;
             }
             table.insert(parts[parts.len() - 1].to_string(), value);
         }
@@ -330,7 +362,11 @@ impl Config {
             },
             temperature: s.temperature,
             replay: ReplayConfig {
-                capacity: self.replay.capacity,
+                capacity: if self.buffer.num_remote > 0 && self.replay.capacity == 0 {
+                    FALLBACK_REPLAY_CAPACITY.min(self.buffer.capacity)
+                } else {
+                    self.replay.capacity
+                },
                 policy: self.replay.policy,
                 ratio: self.replay.ratio,
             },

@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod progress;
+mod remote;
 mod run;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -53,6 +54,10 @@ struct TrainArgs {
     /// Communicator between rank processes: auto, nccl, mpi or local (same as --set ddp.backend=...).
     #[arg(long)]
     backend: Option<String>,
+    /// The last N ranks serve a shared replay buffer instead of training (same as
+    /// --set buffer.num_remote=N).
+    #[arg(long, value_name = "N")]
+    num_remote_buffers: Option<usize>,
 }
 
 #[derive(Args)]
@@ -100,6 +105,9 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(backend) = args.backend {
         overrides.push(format!("ddp.backend={backend:?}"));
     }
+    if let Some(n) = args.num_remote_buffers {
+        overrides.push(format!("buffer.num_remote={n}"));
+    }
     let (config, out, resume) = match args.resume {
         Some(dir) => {
             let path = dir.join(run::CONFIG_FILE);
@@ -139,7 +147,16 @@ fn train(args: TrainArgs) -> Result<()> {
         }
     };
     let backend = config.backend()?;
-    let mut world = World::join(backend, Duration::from_secs(config.ddp.timeout_s))?;
+    let mut announcer = remote::Announcer { server: None };
+    let mut world = World::join(
+        backend,
+        Duration::from_secs(config.ddp.timeout_s),
+        config.buffer.num_remote,
+        |placement| announcer.announce(placement),
+    )?;
+    if let Some(server) = announcer.server.take() {
+        return remote::serve(&world, server, &config);
+    }
     if let Some(summary) = run::train(
         run::TrainRequest {
             config,

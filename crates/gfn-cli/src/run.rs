@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::progress::Progress;
+use crate::remote::{BufferMetrics, BufferSummary, RemoteReplay};
 use anyhow::{bail, Context, Result};
 use gfn_core::checkpoint;
 use gfn_core::env::HyperGrid;
@@ -32,6 +33,8 @@ struct MetricsLine<'a> {
     train: &'a StepMetrics,
     #[serde(flatten)]
     eval: &'a Evaluation,
+    #[serde(flatten)]
+    buffer: Option<BufferMetrics>,
 }
 
 #[derive(Serialize)]
@@ -56,6 +59,8 @@ pub struct Summary {
     pub backend: String,
     pub all_reduce_ms_per_step: f64,
     pub device: String,
+    #[serde(flatten)]
+    pub buffer: Option<BufferSummary>,
 }
 
 pub struct TrainRequest {
@@ -146,6 +151,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
             state.reseed_sampling(rank as u64);
         }
     }
+    let mut remote = RemoteReplay::connect(world, &config, state.env.state_dim())?;
     if root {
         std::fs::write(out.join(CONFIG_FILE), config.to_toml())
             .with_context(|| format!("writing {}", out.join(CONFIG_FILE).display()))?;
@@ -200,7 +206,11 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
     while state.step < total {
         let t = Instant::now();
         let mut reducer = AllReduceGradients::new(world.comm.as_mut());
-        last = state.train_step(&mut reducer)?;
+        let (batch, _) = match remote.as_mut() {
+            Some(remote) => remote.sample_batch(&mut state)?,
+            None => state.sample_batch(),
+        };
+        last = state.update(&batch, &mut reducer)?;
         all_reduce_time += reducer.elapsed;
         train_time += t.elapsed().as_secs_f64();
         let steps_per_s = (state.step - first_step) as f64 / train_time;
@@ -216,6 +226,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
                     steps_per_s,
                     train: &last,
                     eval: &eval,
+                    buffer: remote.as_ref().and_then(RemoteReplay::metrics),
                 };
                 writeln!(file, "{}", serde_json::to_string(&line)?)?;
                 if let Some(p) = &progress {
@@ -240,6 +251,10 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
     if let Some(p) = &progress {
         p.finish();
     }
+    let buffer = match remote {
+        Some(remote) => remote.finish(world)?,
+        None => None,
+    };
     world.comm.barrier()?;
     if !root {
         return Ok(None);
@@ -282,6 +297,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
             0.0
         },
         device: device_name,
+        buffer,
     };
     std::fs::write(
         out.join(SUMMARY_FILE),

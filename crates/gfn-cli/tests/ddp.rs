@@ -1,80 +1,11 @@
 //! `gfn train` across rank processes: two MPI ranks, torchrun-style variables, a rank that never
 //! arrives, and `srun` without the PMIx plugin.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+
+use common::{assert_ok, bare_gfn, free_port, mpirun, scratch, summary, GFN, QUALITY_RUN};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const GFN: &str = env!("CARGO_BIN_EXE_gfn");
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gfn-ddp-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn summary(dir: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
-}
-
-fn mpirun(args: &[&str]) -> Output {
-    Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", GFN])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("mpirun runs (installed by launch/setup.sh)")
-}
-
-/// A command with no launcher variables inherited from the test's own environment.
-fn bare_gfn() -> Command {
-    let mut c = Command::new(GFN);
-    for (k, _) in std::env::vars() {
-        if [
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "MASTER_",
-            "OMPI_",
-            "PMI",
-            "SLURM_",
-            "MV2_",
-        ]
-        .iter()
-        .any(|p| k.starts_with(p))
-        {
-            c.env_remove(k);
-        }
-    }
-    c.env("RUST_LOG", "warn")
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    c
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-const QUALITY_RUN: &[&str] = &[
-    "--set",
-    "env.dim=2",
-    "--set",
-    "train.steps=1000",
-    "--set",
-    "train.validate_every=1000",
-    "--set",
-    "train.eval_samples=10000",
-    "--set",
-    "train.threads=1",
-    "--device",
-    "cpu",
-];
 
 #[test]
 fn two_mpi_ranks_learn_as_well_as_one_with_the_same_total_batch() {
@@ -87,7 +18,7 @@ fn two_mpi_ranks_learn_as_well_as_one_with_the_same_total_batch() {
         "sampling.batch_size=8",
     ];
     args.extend_from_slice(QUALITY_RUN);
-    assert_ok(&mpirun(&args));
+    assert_ok(&mpirun(2, &[], &args));
     let s = summary(&two);
     assert_eq!(s["ranks"], 2);
     assert_eq!(s["backend"], "mpi");
@@ -98,13 +29,17 @@ fn two_mpi_ranks_learn_as_well_as_one_with_the_same_total_batch() {
     assert!(two.join("checkpoint.pt").exists());
 
     // Resuming with the same world size continues from rank 0's checkpoint.
-    let resumed = mpirun(&[
-        "train",
-        "--resume",
-        two.to_str().unwrap(),
-        "--set",
-        "train.steps=1100",
-    ]);
+    let resumed = mpirun(
+        2,
+        &[],
+        &[
+            "train",
+            "--resume",
+            two.to_str().unwrap(),
+            "--set",
+            "train.steps=1100",
+        ],
+    );
     assert_ok(&resumed);
     assert_eq!(summary(&two)["steps"], 1100);
     let _ = std::fs::remove_dir_all(two);
@@ -142,12 +77,7 @@ fn torchrun_style_variables_with_one_rank_train() {
 
 #[test]
 fn a_rank_that_never_arrives_ends_in_a_timeout_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        - 1;
+    let port = free_port() - 1;
     let out = scratch("timeout");
     let start = Instant::now();
     let result = bare_gfn()

@@ -177,15 +177,15 @@ impl TrainState {
         self.config.epsilon.at(self.step)
     }
 
-    /// A fresh on-policy batch (with exploration), plus replayed trajectories when enabled.
-    /// Returns the batch and the number of fresh trajectories at its front.
-    pub fn sample_batch(&mut self) -> (Trajectories, usize) {
+    /// A fresh on-policy batch (with exploration); its terminal states count towards the
+    /// modes found.
+    pub fn sample_fresh(&mut self) -> Trajectories {
         let exploration = Exploration {
             epsilon: self.epsilon(),
             temperature: self.config.temperature,
         };
         let n = self.config.batch_size;
-        let mut batch = sample_trajectories(
+        let batch = sample_trajectories(
             self.env.as_ref(),
             &self.estimators,
             n,
@@ -196,9 +196,22 @@ impl TrainState {
         let terminals = (0..batch.len()).map(|b| env.state_index(batch.terminal_state(b)));
         self.modes.observe(&self.truth, terminals);
         self.trajectories += n as u64;
+        batch
+    }
+
+    /// Replayed trajectories to add to `fresh` fresh ones.
+    pub fn replay_count(&self, fresh: usize) -> usize {
+        (self.config.replay.ratio * fresh as f64).round() as usize
+    }
+
+    /// A fresh batch, plus trajectories replayed from the local buffer when enabled. Returns
+    /// the batch and the number of fresh trajectories at its front.
+    pub fn sample_batch(&mut self) -> (Trajectories, usize) {
+        let mut batch = self.sample_fresh();
+        let n = batch.len();
         if self.config.replay.capacity > 0 {
-            let k = (self.config.replay.ratio * n as f64).round() as usize;
-            let replayed = self.replay.sample(k, env.state_dim(), &mut self.rng);
+            let k = self.replay_count(n);
+            let replayed = self.replay.sample(k, self.env.state_dim(), &mut self.rng);
             self.replay.push(&batch);
             batch.extend(&replayed);
         }

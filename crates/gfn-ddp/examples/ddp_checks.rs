@@ -42,8 +42,8 @@ fn state(kind: LossKind, stream: u64) -> TrainState {
 }
 
 fn main() {
-    let mut world =
-        World::join(Backend::Mpi, Duration::from_secs(60)).expect("joining the MPI job");
+    let mut world = World::join(Backend::Mpi, Duration::from_secs(60), 0, |_| Ok(Vec::new()))
+        .expect("joining the MPI job");
     let (rank, size) = (world.rank(), world.world_size());
     assert_eq!(size, 2, "run under mpirun -np 2");
     // TB and SubTB (geometric_within) average over trajectories, so the mean of two ranks' losses

@@ -1,16 +1,20 @@
 //! TCP rendezvous for launches without MPI (torchrun-style): rank 0 listens, every other rank
-//! connects and registers, and once all have arrived rank 0 sends each the same payload (e.g.
-//! the NCCL unique id). Every wait has a deadline. Rank 0 listens on MASTER_PORT + 1 (or
-//! GFN_RENDEZVOUS_PORT): under torchrun the agent already serves its own store on MASTER_PORT.
+//! connects and registers with a small contribution (bytes), and once all have arrived rank 0
+//! sends every rank the contributions of all (an all-gather): the NCCL unique id, the job token,
+//! the replay-buffer servers' addresses. Every wait has a deadline. Rank 0 listens on
+//! MASTER_PORT + 1 (or GFN_RENDEZVOUS_PORT): under torchrun the agent already serves its own
+//! store on MASTER_PORT.
 
 use crate::{DdpError, Result};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-const MAGIC: &[u8; 8] = b"GFNRDV01";
-/// Largest payload accepted from rank 0.
-const MAX_PAYLOAD: u32 = 1 << 20;
+const MAGIC: &[u8; 8] = b"GFNRDV02";
+/// Largest contribution of one rank.
+pub const MAX_CONTRIBUTION: u32 = 64 << 10;
+/// Largest table rank 0 may send back.
+const MAX_TABLE: u64 = 256 << 20;
 
 /// The rendezvous port for a given MASTER_PORT.
 pub fn rendezvous_port(master_port: u16, override_var: Option<String>) -> Result<u16> {
@@ -33,28 +37,33 @@ pub fn rendezvous_port(master_port: u16, override_var: Option<String>) -> Result
     }
 }
 
-/// Joins the rendezvous of `world_size` ranks at `host:port`. Rank 0 passes the payload to
-/// distribute; every rank returns it.
-pub fn rendezvous(
+/// Joins the rendezvous of `world_size` ranks at `host:port` with this rank's contribution;
+/// returns every rank's contribution, indexed by rank.
+pub fn all_gather(
     host: &str,
     port: u16,
     rank: usize,
     world_size: usize,
-    payload: Option<Vec<u8>>,
+    contribution: Vec<u8>,
     timeout: Duration,
-) -> Result<Vec<u8>> {
+) -> Result<Vec<Vec<u8>>> {
     let addr = format!("{host}:{port}");
     let fail = |reason: String| DdpError::Rendezvous {
         addr: addr.clone(),
         reason,
     };
+    if contribution.len() > MAX_CONTRIBUTION as usize {
+        return Err(fail(format!(
+            "a contribution of {} bytes exceeds the {MAX_CONTRIBUTION}-byte limit",
+            contribution.len()
+        )));
+    }
     let deadline = Instant::now() + timeout;
     if rank == 0 {
-        let payload = payload.expect("rank 0 provides the payload");
         let listener = TcpListener::bind(("0.0.0.0", port))
             .map_err(|e| fail(format!("rank 0 cannot listen on port {port}: {e}")))?;
         listener.set_nonblocking(true)?;
-        let mut peers: Vec<Option<TcpStream>> = (0..world_size).map(|_| None).collect();
+        let mut peers: Vec<Option<(TcpStream, Vec<u8>)>> = (0..world_size).map(|_| None).collect();
         let mut arrived = 1;
         while arrived < world_size {
             match listener.accept() {
@@ -62,15 +71,15 @@ pub fn rendezvous(
                     stream.set_nonblocking(false)?;
                     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
                     match read_hello(&mut stream) {
-                        Ok((r, w))
+                        Ok((r, w, bytes))
                             if w as usize == world_size
                                 && (1..world_size).contains(&(r as usize))
                                 && peers[r as usize].is_none() =>
                         {
-                            peers[r as usize] = Some(stream);
+                            peers[r as usize] = Some((stream, bytes));
                             arrived += 1;
                         }
-                        Ok((r, w)) => {
+                        Ok((r, w, _)) => {
                             return Err(fail(format!("a peer registered as rank {r} of {w}, but this job has world size {world_size} (or that rank arrived twice)")));
                         }
                         // A stray connection (port scan, health check): ignore it.
@@ -91,11 +100,23 @@ pub fn rendezvous(
                 Err(e) => return Err(fail(format!("accept failed: {e}"))),
             }
         }
-        for stream in peers.iter_mut().flatten() {
-            stream.write_all(&(payload.len() as u32).to_le_bytes())?;
-            stream.write_all(&payload)?;
+        let mut table = vec![contribution];
+        table.extend(
+            peers
+                .iter()
+                .skip(1)
+                .map(|p| p.as_ref().expect("arrived").1.clone()),
+        );
+        let mut encoded = (table.len() as u32).to_le_bytes().to_vec();
+        for entry in &table {
+            encoded.extend((entry.len() as u32).to_le_bytes());
+            encoded.extend(entry);
         }
-        Ok(payload)
+        for (stream, _) in peers.iter_mut().flatten() {
+            stream.write_all(&(encoded.len() as u64).to_le_bytes())?;
+            stream.write_all(&encoded)?;
+        }
+        Ok(table)
     } else {
         let mut stream = loop {
             let attempt = addr
@@ -113,47 +134,72 @@ pub fn rendezvous(
                 None => std::thread::sleep(Duration::from_millis(100)),
             }
         };
-        stream.write_all(MAGIC)?;
-        stream.write_all(&(rank as u32).to_le_bytes())?;
-        stream.write_all(&(world_size as u32).to_le_bytes())?;
+        let mut hello = MAGIC.to_vec();
+        hello.extend((rank as u32).to_le_bytes());
+        hello.extend((world_size as u32).to_le_bytes());
+        hello.extend((contribution.len() as u32).to_le_bytes());
+        hello.extend(&contribution);
+        stream.write_all(&hello)?;
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
         stream.set_read_timeout(Some(remaining))?;
-        let mut len = [0u8; 4];
+        let mut len = [0u8; 8];
         stream.read_exact(&mut len).map_err(|e| {
             fail(format!(
                 "rank 0 did not complete the rendezvous within {} s ({e})",
                 timeout.as_secs()
             ))
         })?;
-        let len = u32::from_le_bytes(len);
-        if len > MAX_PAYLOAD {
+        let len = u64::from_le_bytes(len);
+        if len > MAX_TABLE {
             return Err(fail(format!(
-                "payload of {len} bytes exceeds the {MAX_PAYLOAD}-byte limit"
+                "a table of {len} bytes exceeds the {MAX_TABLE}-byte limit"
             )));
         }
-        let mut payload = vec![0u8; len as usize];
+        let mut encoded = vec![0u8; len as usize];
         stream
-            .read_exact(&mut payload)
-            .map_err(|e| fail(format!("truncated payload ({e})")))?;
-        Ok(payload)
+            .read_exact(&mut encoded)
+            .map_err(|e| fail(format!("truncated table ({e})")))?;
+        parse_table(&encoded, world_size).ok_or_else(|| fail("malformed table from rank 0".into()))
     }
 }
 
-fn read_hello(stream: &mut TcpStream) -> std::io::Result<(u32, u32)> {
-    let mut buf = [0u8; 16];
+fn parse_table(mut bytes: &[u8], world_size: usize) -> Option<Vec<Vec<u8>>> {
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, rest) = bytes.split_at_checked(n)?;
+        bytes = rest;
+        Some(head)
+    };
+    let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+    if count != world_size {
+        return None;
+    }
+    (0..count)
+        .map(|_| {
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            take(len).map(<[u8]>::to_vec)
+        })
+        .collect()
+}
+
+/// Reads a peer's registration: rank, world size and contribution.
+fn read_hello(stream: &mut TcpStream) -> std::io::Result<(u32, u32, Vec<u8>)> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut buf = [0u8; 20];
     stream.read_exact(&mut buf)?;
     if &buf[..8] != MAGIC {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not a gfn rendezvous hello",
-        ));
+        return Err(invalid("not a gfn rendezvous hello"));
     }
-    Ok((
-        u32::from_le_bytes(buf[8..12].try_into().unwrap()),
-        u32::from_le_bytes(buf[12..16].try_into().unwrap()),
-    ))
+    let word = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().unwrap());
+    let len = word(16);
+    if len > MAX_CONTRIBUTION {
+        return Err(invalid("contribution too large"));
+    }
+    let mut contribution = vec![0u8; len as usize];
+    stream.read_exact(&mut contribution)?;
+    Ok((word(8), word(12), contribution))
 }
 
 #[cfg(test)]
@@ -169,27 +215,38 @@ mod tests {
     }
 
     #[test]
-    fn every_rank_receives_rank_zeros_payload() {
+    fn every_rank_receives_every_contribution() {
         let port = free_port();
-        let peers: Vec<_> = (1..3)
+        let contribution = |r: usize| format!("rank {r}").into_bytes().repeat(r);
+        let expected: Vec<Vec<u8>> = (0..4).map(contribution).collect();
+        let peers: Vec<_> = (1..4)
             .map(|r| {
                 std::thread::spawn(move || {
-                    rendezvous("127.0.0.1", port, r, 3, None, Duration::from_secs(10)).unwrap()
+                    all_gather(
+                        "127.0.0.1",
+                        port,
+                        r,
+                        4,
+                        contribution(r),
+                        Duration::from_secs(10),
+                    )
+                    .unwrap()
                 })
             })
             .collect();
-        let root = rendezvous(
+        let root = all_gather(
             "127.0.0.1",
             port,
             0,
-            3,
-            Some(b"unique-id".to_vec()),
+            4,
+            contribution(0),
             Duration::from_secs(10),
         )
         .unwrap();
-        assert_eq!(root, b"unique-id");
+        assert_eq!(root, expected);
+        assert!(root[0].is_empty());
         for p in peers {
-            assert_eq!(p.join().unwrap(), b"unique-id");
+            assert_eq!(p.join().unwrap(), expected);
         }
     }
 
@@ -197,24 +254,24 @@ mod tests {
     fn a_rank_that_never_arrives_times_out_with_a_clear_error() {
         let port = free_port();
         let start = Instant::now();
-        let err = rendezvous(
-            "127.0.0.1",
-            port,
-            0,
-            2,
-            Some(vec![1]),
-            Duration::from_secs(1),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = all_gather("127.0.0.1", port, 0, 2, vec![1], Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("ranks [1] of 2 did not arrive within 1 s"),
             "{err}"
         );
         assert!(start.elapsed() < Duration::from_secs(5));
-        let err = rendezvous("127.0.0.1", free_port(), 1, 2, None, Duration::from_secs(1))
-            .unwrap_err()
-            .to_string();
+        let err = all_gather(
+            "127.0.0.1",
+            free_port(),
+            1,
+            2,
+            vec![],
+            Duration::from_secs(1),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("could not reach rank 0"), "{err}");
     }
 

@@ -1,5 +1,7 @@
-//! Joining the job: detect the launcher, choose a backend, and build the training ranks'
-//! communicator.
+//! Joining the job: detect the launcher, meet every rank (exchanging a few bytes each: the NCCL
+//! id, the job token, the replay-buffer servers' addresses), choose a backend, and build the
+//! training ranks' communicator. With `buffer_ranks = N` the last N ranks of the job serve a
+//! replay buffer and stay out of the training communicator.
 
 use crate::comm::{Communicator, LocalCommunicator};
 use crate::launch_env::{Launcher, RankInfo};
@@ -9,7 +11,7 @@ use tch::Device;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// NCCL when CUDA is available, MPI otherwise; `local` for a single rank.
+    /// NCCL when CUDA is available, MPI otherwise; `local` for a single training rank.
     Auto,
     Nccl,
     Mpi,
@@ -31,9 +33,57 @@ impl std::str::FromStr for Backend {
     }
 }
 
-/// This process's place in the job and its communicator.
+/// Where a rank sits in the job: ranks `0..trainers` train, the rest serve replay buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub rank: usize,
+    pub world_size: usize,
+    pub trainers: usize,
+}
+
+impl Placement {
+    pub fn new(rank: usize, world_size: usize, buffer_ranks: usize) -> Result<Self> {
+        if buffer_ranks >= world_size {
+            return Err(DdpError::Launch(format!(
+                "--num-remote-buffers {buffer_ranks} leaves no training rank in a job of {world_size} rank(s): start at least {} ranks",
+                buffer_ranks + 1
+            )));
+        }
+        Ok(Placement {
+            rank,
+            world_size,
+            trainers: world_size - buffer_ranks,
+        })
+    }
+
+    pub fn is_trainer(&self) -> bool {
+        self.rank < self.trainers
+    }
+
+    pub fn buffer_ranks(&self) -> usize {
+        self.world_size - self.trainers
+    }
+
+    /// The buffer rank that serves training rank `trainer` (round robin), if there are any.
+    pub fn buffer_of(&self, trainer: usize) -> Option<usize> {
+        (self.buffer_ranks() > 0).then(|| self.trainers + trainer % self.buffer_ranks())
+    }
+
+    /// The training ranks that buffer rank `buffer` serves.
+    pub fn trainers_of(&self, buffer: usize) -> Vec<usize> {
+        (0..self.trainers)
+            .filter(|&t| self.buffer_of(t) == Some(buffer))
+            .collect()
+    }
+}
+
+/// This process's place in the job and, on training ranks, their communicator.
 pub struct World {
     pub info: RankInfo,
+    pub placement: Placement,
+    /// What every rank announced when joining, indexed by rank in the whole job.
+    pub announcements: Vec<Vec<u8>>,
+    /// Among the training ranks; a buffer rank gets a communicator of itself alone.
     pub comm: Box<dyn Communicator>,
     /// The device this rank trains on when the backend fixes it (NCCL: its local GPU).
     pub device: Option<Device>,
@@ -42,21 +92,34 @@ pub struct World {
     _mpi: Option<crate::backends::mpi::MpiWorld>,
 }
 
+/// What rank 0 adds in front of its announcement: the NCCL unique id when NCCL trains more than
+/// one rank.
+const NO_NCCL_ID: u8 = 0;
+const WITH_NCCL_ID: u8 = 1;
+
 impl World {
+    /// Rank among the training ranks.
     pub fn rank(&self) -> usize {
         self.comm.rank()
     }
+    /// Number of training ranks.
     pub fn world_size(&self) -> usize {
         self.comm.world_size()
     }
     pub fn is_root(&self) -> bool {
-        self.rank() == 0
+        self.placement.is_trainer() && self.rank() == 0
     }
 
     /// A single rank without any launcher.
     pub fn single() -> Self {
         World {
             info: RankInfo::single(),
+            placement: Placement {
+                rank: 0,
+                world_size: 1,
+                trainers: 1,
+            },
+            announcements: Vec::new(),
             comm: Box::new(LocalCommunicator),
             device: None,
             #[cfg(feature = "mpi")]
@@ -64,158 +127,237 @@ impl World {
         }
     }
 
-    /// Joins the job described by the environment. `timeout` bounds every wait for other ranks.
-    pub fn join(backend: Backend, timeout: Duration) -> Result<Self> {
+    /// Joins the job described by the environment; `timeout` bounds every wait for other ranks.
+    /// `announce` gives this rank's bytes for [`World::announcements`] once its placement is
+    /// known (a buffer rank binds its server first and announces the address).
+    pub fn join(
+        backend: Backend,
+        timeout: Duration,
+        buffer_ranks: usize,
+        announce: impl FnOnce(&Placement) -> Result<Vec<u8>>,
+    ) -> Result<Self> {
         let info = RankInfo::from_env()?;
+        let placement = Placement::new(info.rank, info.world_size, buffer_ranks)?;
         let cuda = tch::Cuda::is_available();
+        let alone = info.world_size == 1 && info.slurm_tasks.is_none_or(|n| n <= 1);
         let backend = match backend {
-            Backend::Auto if info.world_size == 1 && info.slurm_tasks.is_none_or(|n| n <= 1) => {
-                Backend::Local
-            }
+            Backend::Auto if alone || placement.trainers == 1 => Backend::Local,
             Backend::Auto if cuda => Backend::Nccl,
             Backend::Auto => Backend::Mpi,
             chosen => chosen,
         };
-        match backend {
-            Backend::Local | Backend::Auto => {
-                if info.world_size > 1 {
-                    return Err(DdpError::Launch(format!(
-                        "--backend local runs a single rank, but the launcher started {} ranks",
-                        info.world_size
-                    )));
-                }
-                Ok(World {
-                    info,
-                    ..World::single()
-                })
-            }
-            Backend::Mpi => Self::join_mpi(info, timeout),
-            Backend::Nccl => Self::join_nccl(info, cuda, timeout),
-        }
-    }
-
-    #[cfg(feature = "mpi")]
-    fn join_mpi(info: RankInfo, timeout: Duration) -> Result<Self> {
-        use crate::backends::mpi::MpiWorld;
-        if info.launcher == Launcher::Torchrun && info.world_size > 1 {
-            torchrun_rendezvous(&info, (info.rank == 0).then(Vec::new), timeout)?;
-        }
         // Slurm variables without any MPI ones: srun ran without an MPI plugin, so every task
         // would start as an MPI world of one (or Open MPI would abort in MPI_Init).
-        if info.launcher == Launcher::Slurm && info.world_size > 1 {
+        if info.launcher == Launcher::Slurm && info.world_size > 1 && backend == Backend::Mpi {
             return Err(DdpError::Launch(format!(
                 "srun started {} tasks without MPI support, so MPI would see each as alone: launch with `srun --mpi=pmix ...` (or mpirun)",
                 info.world_size
             )));
         }
-        let mpi = MpiWorld::init(timeout)?;
-        if mpi.size() != info.world_size && info.launcher != Launcher::Single {
-            return Err(DdpError::Launch(format!(
-                "the launcher says {} ranks but MPI sees {}: on CPUs start ranks with mpirun or `srun --mpi=pmix`; torchrun-style launches need --backend nccl on GPUs",
-                info.world_size,
-                mpi.size()
-            )));
-        }
-        let members = mpi.size();
-        let comm = mpi.communicator(members).expect("every rank is a member");
-        let info = RankInfo {
-            rank: mpi.rank(),
-            world_size: members,
-            ..info
-        };
-        Ok(World {
-            info,
-            comm: Box::new(comm),
-            device: None,
-            _mpi: Some(mpi),
-        })
-    }
-
-    #[cfg(not(feature = "mpi"))]
-    fn join_mpi(_: RankInfo, _: Duration) -> Result<Self> {
-        Err(DdpError::Launch(
-            "this build has no MPI backend (cargo feature `mpi`)".into(),
-        ))
-    }
-
-    #[cfg(feature = "nccl")]
-    fn join_nccl(info: RankInfo, cuda: bool, timeout: Duration) -> Result<Self> {
-        use crate::backends::nccl::{check_library, new_unique_id, NcclCommunicator};
-        if !cuda {
+        if backend == Backend::Nccl && !cuda {
             return Err(DdpError::Launch(
                 "--backend nccl needs CUDA, which is not available here; use --backend mpi on CPUs"
                     .into(),
             ));
         }
-        check_library()?;
+        let nccl_id_needed = backend == Backend::Nccl && placement.trainers > 1;
+        let mut own = vec![NO_NCCL_ID];
+        if nccl_id_needed && info.rank == 0 {
+            own = vec![WITH_NCCL_ID];
+            own.extend(nccl_unique_id()?);
+        }
+        own.extend(announce(&placement)?);
+
         #[cfg(feature = "mpi")]
         let mut mpi = None;
-        let id = if info.world_size == 1 {
-            new_unique_id()?
-        } else if info.launcher == Launcher::Mpi {
+        let with_header = if info.launcher == Launcher::Mpi
+            || (backend == Backend::Mpi && info.world_size == 1)
+        {
             #[cfg(feature = "mpi")]
             {
                 let world = crate::backends::mpi::MpiWorld::init(timeout)?;
-                let mut id = if world.rank() == 0 {
-                    new_unique_id()?
-                } else {
-                    vec![0u8; crate::backends::nccl::UNIQUE_ID_BYTES]
+                if world.size() != info.world_size && info.launcher != Launcher::Single {
+                    return Err(DdpError::Launch(format!(
+                        "the launcher says {} ranks but MPI sees {}: on CPUs start ranks with mpirun or `srun --mpi=pmix`",
+                        info.world_size,
+                        world.size()
+                    )));
+                }
+                let all = {
+                    let _watchdog = crate::watchdog::Watchdog::arm(
+                        "every rank to join the start-up exchange (MPI all-gather)",
+                        timeout,
+                    );
+                    world.all_gather_bytes(&own)
                 };
-                let _watchdog = crate::watchdog::Watchdog::arm(
-                    "the NCCL unique id from rank 0 (MPI broadcast)",
-                    timeout,
-                );
-                world.broadcast_bytes(&mut id);
                 mpi = Some(world);
-                id
+                all
             }
             #[cfg(not(feature = "mpi"))]
             return Err(DdpError::Launch(
-                "an MPI launch needs the `mpi` cargo feature to exchange the NCCL id".into(),
+                "this build has no MPI backend (cargo feature `mpi`)".into(),
             ));
-        } else if info.master.is_some() {
-            let payload = if info.rank == 0 {
-                Some(new_unique_id()?)
-            } else {
-                None
-            };
-            torchrun_rendezvous(&info, payload, timeout)?
+        } else if info.world_size > 1 {
+            tcp_all_gather(&info, own, timeout)?
         } else {
-            return Err(DdpError::Launch("several ranks without MPI need MASTER_ADDR and MASTER_PORT for the NCCL rendezvous".into()));
+            vec![own]
         };
-        let local = info.local_rank;
-        let comm = {
-            let _watchdog =
-                crate::watchdog::Watchdog::arm("every rank to join the NCCL communicator", timeout);
-            NcclCommunicator::new(&id, info.rank, info.world_size, local)?
+        let nccl_id = match with_header[0].first() {
+            Some(&WITH_NCCL_ID) => Some(with_header[0][1..1 + NCCL_ID_BYTES].to_vec()),
+            _ => None,
         };
-        Ok(World {
-            info,
-            comm: Box::new(comm),
-            device: Some(Device::Cuda(local)),
-            #[cfg(feature = "mpi")]
-            _mpi: mpi,
-        })
-    }
+        let announcements: Vec<Vec<u8>> = with_header
+            .iter()
+            .enumerate()
+            .map(|(r, bytes)| {
+                let skip = if r == 0 && nccl_id.is_some() {
+                    1 + NCCL_ID_BYTES
+                } else {
+                    1
+                };
+                bytes[skip..].to_vec()
+            })
+            .collect();
 
-    #[cfg(not(feature = "nccl"))]
-    fn join_nccl(_: RankInfo, _: bool, _: Duration) -> Result<Self> {
-        Err(DdpError::Launch(
-            "this build has no NCCL backend (cargo feature `nccl`)".into(),
-        ))
+        // Every rank of an MPI job takes part in forming the training communicator.
+        #[cfg(feature = "mpi")]
+        let mpi_training = mpi
+            .as_ref()
+            .and_then(|m| m.communicator(placement.trainers));
+        let mut world = World {
+            info,
+            placement,
+            announcements,
+            comm: Box::new(LocalCommunicator),
+            device: None,
+            #[cfg(feature = "mpi")]
+            _mpi: None,
+        };
+        if !placement.is_trainer() {
+            #[cfg(feature = "mpi")]
+            {
+                world._mpi = mpi;
+            }
+            return Ok(world);
+        }
+        match backend {
+            Backend::Local | Backend::Auto => {
+                if placement.trainers > 1 {
+                    return Err(DdpError::Launch(format!(
+                        "--backend local runs a single training rank, but the launcher started {}",
+                        placement.trainers
+                    )));
+                }
+            }
+            Backend::Mpi => {
+                #[cfg(feature = "mpi")]
+                match mpi_training {
+                    Some(comm) => world.comm = Box::new(comm),
+                    None if placement.trainers == 1 => {}
+                    None => {
+                        return Err(DdpError::Launch(format!(
+                            "the launcher says {} ranks but MPI sees 1: on CPUs start ranks with mpirun or `srun --mpi=pmix`; torchrun-style launches need --backend nccl on GPUs",
+                            world.info.world_size
+                        )))
+                    }
+                }
+                #[cfg(not(feature = "mpi"))]
+                return Err(DdpError::Launch(
+                    "this build has no MPI backend (cargo feature `mpi`)".into(),
+                ));
+            }
+            Backend::Nccl => {
+                let id = match nccl_id {
+                    Some(id) => id,
+                    None => nccl_unique_id()?,
+                };
+                let (comm, device) = nccl_communicator(&id, &world, timeout)?;
+                world.comm = comm;
+                world.device = Some(device);
+            }
+        }
+        #[cfg(feature = "mpi")]
+        {
+            world._mpi = mpi;
+        }
+        Ok(world)
     }
 }
 
-/// Under a torchrun-style launch every rank meets at a TCP rendezvous first, so that a rank that
-/// never arrives is reported by name before any backend blocks; rank 0 hands out `payload`.
-fn torchrun_rendezvous(
-    info: &RankInfo,
-    payload: Option<Vec<u8>>,
+#[cfg(feature = "nccl")]
+const NCCL_ID_BYTES: usize = crate::backends::nccl::UNIQUE_ID_BYTES;
+#[cfg(not(feature = "nccl"))]
+const NCCL_ID_BYTES: usize = 128;
+
+#[cfg(feature = "nccl")]
+fn nccl_unique_id() -> Result<Vec<u8>> {
+    crate::backends::nccl::new_unique_id()
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_unique_id() -> Result<Vec<u8>> {
+    Err(DdpError::Launch(
+        "this build has no NCCL backend (cargo feature `nccl`)".into(),
+    ))
+}
+
+/// One GPU per local rank, training ranks only.
+#[cfg(feature = "nccl")]
+fn nccl_communicator(
+    id: &[u8],
+    world: &World,
     timeout: Duration,
-) -> Result<Vec<u8>> {
+) -> Result<(Box<dyn Communicator>, Device)> {
+    let local = world.info.local_rank;
+    let _watchdog =
+        crate::watchdog::Watchdog::arm("every rank to join the NCCL communicator", timeout);
+    let comm = crate::backends::nccl::NcclCommunicator::new(
+        id,
+        world.placement.rank,
+        world.placement.trainers,
+        local,
+    )?;
+    Ok((Box::new(comm), Device::Cuda(local)))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_communicator(_: &[u8], _: &World, _: Duration) -> Result<(Box<dyn Communicator>, Device)> {
+    Err(DdpError::Launch(
+        "this build has no NCCL backend (cargo feature `nccl`)".into(),
+    ))
+}
+
+/// Without MPI, every rank meets at a TCP rendezvous served by rank 0, so that a rank that never
+/// arrives is reported by name before any backend blocks.
+fn tcp_all_gather(info: &RankInfo, own: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>> {
     let (host, port) = info.master.clone().ok_or_else(|| {
         DdpError::Launch("several ranks without MPI need MASTER_ADDR and MASTER_PORT".into())
     })?;
     let port = crate::rendezvous::rendezvous_port(port, std::env::var("GFN_RENDEZVOUS_PORT").ok())?;
-    crate::rendezvous::rendezvous(&host, port, info.rank, info.world_size, payload, timeout)
+    crate::rendezvous::all_gather(&host, port, info.rank, info.world_size, own, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_ranks_are_the_last_and_served_round_robin() {
+        let p = Placement::new(1, 5, 2).unwrap();
+        assert_eq!(p.trainers, 3);
+        assert!(p.is_trainer());
+        assert!(!Placement::new(3, 5, 2).unwrap().is_trainer());
+        assert_eq!(
+            (0..3).map(|t| p.buffer_of(t).unwrap()).collect::<Vec<_>>(),
+            vec![3, 4, 3]
+        );
+        assert_eq!(p.trainers_of(3), vec![0, 2]);
+        assert_eq!(p.trainers_of(4), vec![1]);
+        assert_eq!(Placement::new(0, 2, 0).unwrap().buffer_of(0), None);
+        let err = Placement::new(0, 2, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("--num-remote-buffers 2") && err.contains("at least 3"),
+            "{err}"
+        );
+    }
 }

@@ -37,8 +37,8 @@ pub fn subtb_weights(
     // Number of valid sub-trajectories of each length over the batch (for `geometric`).
     let mut per_length = vec![0usize; p];
     for &l in &lengths {
-        for len in 1..=l {
-            per_length[len] += l + 1 - len;
+        for (len, count) in per_length.iter_mut().enumerate().take(l + 1).skip(1) {
+            *count += l + 1 - len;
         }
     }
     let total_pairs: usize = per_length.iter().sum();

@@ -42,6 +42,22 @@ impl MpiWorld {
             .broadcast_into(bytes);
     }
 
+    /// Every rank's `own` bytes, indexed by rank (lengths may differ).
+    pub fn all_gather_bytes(&self, own: &[u8]) -> Vec<Vec<u8>> {
+        let world = self.universe.world();
+        let n = world.size() as usize;
+        let mut lengths = vec![0u32; n];
+        world.all_gather_into(&(own.len() as u32), &mut lengths[..]);
+        let width = lengths.iter().copied().max().unwrap_or(0) as usize;
+        let mut padded = own.to_vec();
+        padded.resize(width, 0);
+        let mut all = vec![0u8; width * n];
+        world.all_gather_into(&padded[..], &mut all[..]);
+        (0..n)
+            .map(|r| all[r * width..r * width + lengths[r] as usize].to_vec())
+            .collect()
+    }
+
     /// A communicator over the world ranks `0..members` (the training ranks); `None` on ranks
     /// outside it.
     pub fn communicator(&self, members: usize) -> Option<MpiCommunicator> {

@@ -1,0 +1,19 @@
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BufferError {
+    #[error("replay-buffer server at {addr}: {reason}")]
+    Connection { addr: String, reason: String },
+    #[error("replay-buffer server at {addr} refused this client: {reason}")]
+    Refused { addr: String, reason: String },
+    #[error("invalid {field} = {value}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, BufferError>;

@@ -1,0 +1,264 @@
+//! Replay-buffer ranks end to end: two trainers and a buffer rank under mpirun, and with
+//! torchrun-style variables a buffer rank or a trainer killed mid-run.
+
+mod common;
+
+use common::{assert_ok, bare_gfn, free_port, mpirun, scratch, summary, QUALITY_RUN};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn two_trainers_and_a_buffer_rank_learn_as_well_as_two_trainers_alone() {
+    let runs = [("buffer-none", 2, "0"), ("buffer-one", 3, "1")];
+    for (name, np, buffers) in runs {
+        let out = scratch(name);
+        let mut args = vec![
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--num-remote-buffers",
+            buffers,
+            "--set",
+            "sampling.batch_size=8",
+            "--set",
+            "replay.ratio=0.5",
+        ];
+        args.extend_from_slice(QUALITY_RUN);
+        let result = mpirun(np, &[], &args);
+        assert_ok(&result);
+        let s = summary(&out);
+        assert_eq!(s["ranks"], 2);
+        assert_eq!(s["trajectories"], 16_000);
+        let tv = s["exact_tv"].as_f64().unwrap();
+        assert!(tv < 0.05, "{name}: exact TV {tv}");
+        if buffers == "0" {
+            assert!(s.get("remote_buffers").is_none());
+            continue;
+        }
+        // Everything both trainers sampled reached the buffer rank, and came back as replay.
+        assert_eq!(s["remote_buffers"], 1);
+        assert_eq!(s["buffer_received"], 16_000);
+        assert_eq!(s["buffer_size"], 16_000);
+        assert_eq!(s["buffer_pushes_dropped"], 0);
+        assert_eq!(s["buffer_ranks_lost"], 0);
+        let replayed = s["buffer_replayed"].as_u64().unwrap();
+        // Up to 4 per trainer and step; only the first steps (empty buffer) may get fewer.
+        assert!(replayed > 7_000 && replayed <= 8_000, "{replayed}");
+        assert!(s["buffer_sampled"].as_u64().unwrap() >= replayed);
+        // The buffer rank counts modes on its own; the trainers' union must agree.
+        assert_eq!(s["buffer_modes_found"], s["modes_found"]);
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert!(
+            stdout.contains("buffer rank 2: size 16000/100000 received 16000")
+                && stdout.contains("trainers finished 2 lost 0 refused 0"),
+            "{stdout}"
+        );
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+        assert!(last["buffer_size"].as_u64().unwrap() > 0, "{last}");
+        let _ = std::fs::remove_dir_all(out);
+    }
+}
+
+/// One buffer rank and a run long enough (seconds) to kill a rank in the middle of it, with
+/// metrics every 200 steps to tell when the buffer is in use.
+const LONG_RUN: &[&str] = &[
+    "--num-remote-buffers",
+    "1",
+    "--set",
+    "env.dim=2",
+    "--set",
+    "train.validate_every=200",
+    "--set",
+    "train.eval_samples=2000",
+    "--set",
+    "train.threads=1",
+    "--device",
+    "cpu",
+];
+
+/// Rank `rank` of a 2-rank torchrun-style job whose rank 1 serves the buffer.
+fn torchrun_rank(rank: usize, port: u16, out: &Path, extra: &[&str]) -> Child {
+    bare_gfn()
+        .args(["train", "--out", out.to_str().unwrap()])
+        .args(LONG_RUN)
+        .args(["--set", "train.steps=4000", "--set", "ddp.timeout_s=30"])
+        .args(extra)
+        .envs([
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", "2".into()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", port.to_string()),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the trainer has logged metrics that show the buffer rank at work.
+fn wait_for_buffer_traffic(out: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+        if metrics.contains("\"buffer_received\"") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no buffer statistics in metrics.jsonl"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill_buffer_rank_mid_run(extra: &[&str]) -> (std::process::Output, std::path::PathBuf) {
+    let out = scratch(&format!("buffer-kill-{}", extra.len()));
+    let port = free_port();
+    let mut buffer = torchrun_rank(1, port, &out, extra);
+    let trainer = torchrun_rank(0, port, &out, extra);
+    wait_for_buffer_traffic(&out);
+    buffer.kill().unwrap();
+    buffer.wait().unwrap();
+    (trainer.wait_with_output().unwrap(), out)
+}
+
+#[test]
+fn a_killed_buffer_rank_is_reported_once_and_training_finishes_on_local_replay() {
+    let (result, out) = kill_buffer_rank_mid_run(&[]);
+    assert_ok(&result);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(
+        stderr.matches("continuing with local replay").count(),
+        1,
+        "{stderr}"
+    );
+    let s = summary(&out);
+    assert_eq!(s["steps"], 4000);
+    assert_eq!(s["buffer_ranks_lost"], 1);
+    // After the loss the trainer still replays (locally): every batch has 16 + 8.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert_eq!(last["batch_trajectories"], 24);
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn under_mpirun_with_recovery_two_trainers_outlive_their_killed_buffer_rank() {
+    let out = scratch("buffer-kill-mpi");
+    let mut job = std::process::Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--enable-recovery",
+            "-np",
+            "3",
+        ])
+        .args(["-x", "RUST_LOG=warn,gfn::remote=info", common::GFN])
+        .args(["train", "--out", out.to_str().unwrap()])
+        .args(LONG_RUN)
+        .args(["--set", "train.steps=3000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The buffer rank names its pid when it starts listening.
+    let stderr = job.stderr.take().unwrap();
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("replay-buffer server listening") {
+                let pid = line.split("pid=").nth(1).and_then(|rest| {
+                    rest.split_whitespace()
+                        .next()
+                        .and_then(|p| p.parse::<i32>().ok())
+                });
+                let _ = pid_tx.send(pid.expect("the listening line names the pid"));
+            }
+            text += &line;
+            text.push('\n');
+        }
+        text
+    });
+    let pid = pid_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("buffer rank started");
+    wait_for_buffer_traffic(&out);
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = job.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("continuing with local replay").count(),
+        2,
+        "{stderr}"
+    );
+    let s = summary(&out);
+    assert_eq!(s["steps"], 3000);
+    assert_eq!(s["ranks"], 2);
+    assert_eq!(s["buffer_ranks_lost"], 2);
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn with_buffer_fatal_a_lost_buffer_rank_ends_the_run() {
+    let (result, out) = kill_buffer_rank_mid_run(&["--set", "buffer.fatal=true"]);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("lost the replay-buffer rank") && stderr.contains("buffer.fatal = true"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn a_buffer_rank_whose_trainer_dies_exits_instead_of_waiting() {
+    let out = scratch("buffer-trainer-dies");
+    let port = free_port();
+    let buffer = torchrun_rank(1, port, &out, &[]);
+    let mut trainer = torchrun_rank(0, port, &out, &[]);
+    wait_for_buffer_traffic(&out);
+    trainer.kill().unwrap();
+    trainer.wait().unwrap();
+    let started = Instant::now();
+    let result = buffer.wait_with_output().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_ok(&result);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("trainers finished 0 lost 1"), "{stdout}");
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn more_buffer_ranks_than_the_job_allows_is_an_error() {
+    let out = scratch("buffer-too-many");
+    let result = bare_gfn()
+        .args([
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--num-remote-buffers",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("--num-remote-buffers 1 leaves no training rank in a job of 1 rank(s)"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the end-to-end tests (each test binary uses a subset).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const GFN: &str = env!("CARGO_BIN_EXE_gfn");
+
+/// An empty directory path unique to this test process.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gfn-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+pub fn summary(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
+/// `gfn` under `mpirun -np N` (extra mpirun options before the binary).
+pub fn mpirun(np: usize, mpirun_options: &[&str], args: &[&str]) -> Output {
+    Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+        ])
+        .args(mpirun_options)
+        .arg(GFN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("mpirun runs (installed by launch/setup.sh)")
+}
+
+/// A command with no launcher variables inherited from the test's own environment.
+pub fn bare_gfn() -> Command {
+    let mut c = Command::new(GFN);
+    for (k, _) in std::env::vars() {
+        if [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_",
+            "OMPI_",
+            "PMI",
+            "SLURM_",
+            "MV2_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+        {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "warn")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A free TCP port (released again, so only very probably still free).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// 2x8 TB with one intra-op thread: reaches exact TV < 0.05 in 1000 steps at batch 16.
+pub const QUALITY_RUN: &[&str] = &[
+    "--set",
+    "env.dim=2",
+    "--set",
+    "train.steps=1000",
+    "--set",
+    "train.validate_every=1000",
+    "--set",
+    "train.eval_samples=10000",
+    "--set",
+    "train.threads=1",
+    "--device",
+    "cpu",
+];
