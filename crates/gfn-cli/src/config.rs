@@ -25,6 +25,18 @@ pub struct Config {
     pub train: TrainSection,
     pub ddp: DdpSection,
     pub buffer: BufferSection,
+    pub wandb: WandbSection,
+}
+
+/// Weights & Biases: with a project set, the run's TensorBoard files are uploaded with
+/// `wandb sync` at the end (or the command to do so is printed).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WandbSection {
+    pub project: Option<String>,
+    pub entity: Option<String>,
+    /// Display name, also the run id (characters other than letters, digits, - and _ become -).
+    pub run_name: Option<String>,
 }
 
 /// Replay-buffer ranks: the last `num_remote` ranks of the job serve a shared replay buffer
@@ -237,6 +249,8 @@ pub struct TrainSection {
     pub validate_every: u64,
     /// Terminal states sampled for the empirical metrics.
     pub eval_samples: usize,
+    /// Training scalars (loss, speed) go to TensorBoard every this many steps; 0: never.
+    pub log_every: u64,
     /// Checkpoint every this many steps (and at the end); 0: only at the end.
     pub checkpoint_every: u64,
 }
@@ -250,6 +264,7 @@ impl Default for TrainSection {
             threads: 0,
             validate_every: 500,
             eval_samples: 200_000,
+            log_every: 50,
             checkpoint_every: 1000,
         }
     }
@@ -297,7 +312,7 @@ impl Config {
                 table = table
                     .get_mut(*part)
                     .and_then(|v| v.as_table_mut())
-                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train, ddp, buffer)"))?;
+                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train, ddp, buffer, wandb)"))?;
             }
             table.insert(parts[parts.len() - 1].to_string(), value);
         }
@@ -456,22 +471,30 @@ mod tests {
 
     #[test]
     fn every_shipped_config_is_valid() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-        let mut seen = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                let config = Config::from_toml(
-                    &std::fs::read_to_string(&path).unwrap(),
-                    &path.display().to_string(),
-                )
-                .unwrap();
-                config.env().unwrap();
-                config.train_config().unwrap();
-                seen += 1;
+        fn check(dir: &std::path::Path, seen: &mut usize) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    check(&path, seen);
+                } else if path.extension().is_some_and(|e| e == "toml") {
+                    let config = Config::from_toml(
+                        &std::fs::read_to_string(&path).unwrap(),
+                        &path.display().to_string(),
+                    )
+                    .unwrap();
+                    config.env().unwrap();
+                    config.train_config().unwrap();
+                    *seen += 1;
+                }
             }
         }
-        assert!(seen >= 3, "configs/ holds {seen} TOML files");
+        let mut seen = 0;
+        check(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs"),
+            &mut seen,
+        );
+        // 3 examples, 30 trajectory-balance, 12 sub-trajectory-balance, 3 gfnx, 6 sweep.
+        assert_eq!(seen, 54, "configs/ holds {seen} TOML files");
     }
 
     #[test]

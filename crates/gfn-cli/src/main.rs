@@ -2,9 +2,13 @@
 
 mod bench;
 mod config;
+mod plot;
 mod progress;
 mod remote;
 mod run;
+mod sweep;
+mod tensorboard;
+mod wandb;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +36,13 @@ enum Command {
     Train(TrainArgs),
     /// Measure steps/s and trajectories/s over grids, batch sizes and losses.
     Bench(BenchArgs),
+    /// Train every config with every seed, then tabulate final metrics (mean ± std over seeds).
+    Sweep(SweepArgs),
+    /// Draw a run's curves and learned-vs-true distribution as PNG files in its directory.
+    Plot {
+        /// The run directory (metrics.jsonl, config.toml, checkpoint.pt).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -58,6 +69,31 @@ struct TrainArgs {
     /// --set buffer.num_remote=N).
     #[arg(long, value_name = "N")]
     num_remote_buffers: Option<usize>,
+    /// Upload the run to this W&B project at the end (via `wandb sync --sync-tensorboard`).
+    #[arg(long, value_name = "NAME")]
+    wandb_project: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    wandb_entity: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    wandb_run_name: Option<String>,
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// Config files (e.g. configs/sweep/*.toml).
+    #[arg(long = "config", value_name = "FILE", required = true, num_args = 1..)]
+    configs: Vec<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    /// Where the runs (CONFIG/seed-N) and sweep.md go.
+    #[arg(long, default_value = "runs/sweep")]
+    out: PathBuf,
+    /// Overrides applied to every run, e.g. --set train.threads=1.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Exact TV to count trajectories to.
+    #[arg(long, default_value_t = 0.1)]
+    tv_threshold: f64,
 }
 
 #[derive(Args)]
@@ -108,6 +144,15 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(n) = args.num_remote_buffers {
         overrides.push(format!("buffer.num_remote={n}"));
     }
+    for (key, value) in [
+        ("project", &args.wandb_project),
+        ("entity", &args.wandb_entity),
+        ("run_name", &args.wandb_run_name),
+    ] {
+        if let Some(value) = value {
+            overrides.push(format!("wandb.{key}={value:?}"));
+        }
+    }
     let (config, out, resume) = match args.resume {
         Some(dir) => {
             let path = dir.join(run::CONFIG_FILE);
@@ -157,6 +202,7 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(server) = announcer.server.take() {
         return remote::serve(&world, server, &config);
     }
+    let wandb_config = config.wandb.clone();
     if let Some(summary) = run::train(
         run::TrainRequest {
             config,
@@ -167,7 +213,26 @@ fn train(args: TrainArgs) -> Result<()> {
     )? {
         print!("{}", run::summary_table(&summary));
         println!("run directory: {}", out.display());
+        match plot::plot_run(&out) {
+            Ok(paths) => paths.iter().for_each(|p| println!("plot: {}", p.display())),
+            Err(e) => tracing::warn!("no plots: {e:#}"),
+        }
+        wandb::sync(&wandb_config, &out);
     }
+    Ok(())
+}
+
+fn sweep(args: SweepArgs) -> Result<()> {
+    let plan = sweep::SweepPlan {
+        configs: args.configs,
+        seeds: args.seeds,
+        out: args.out,
+        overrides: args.set,
+        tv_threshold: args.tv_threshold,
+    };
+    let rows = sweep::run(&plan)?;
+    print!("{}", sweep::markdown(&rows, plan.tv_threshold));
+    println!("table: {}", plan.out.join(sweep::TABLE_FILE).display());
     Ok(())
 }
 
@@ -230,6 +295,10 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Bench(args) => bench(args),
+        Command::Sweep(args) => sweep(args),
+        Command::Plot { dir } => plot::plot_run(&dir).map(|paths| {
+            paths.iter().for_each(|p| println!("{}", p.display()));
+        }),
     };
     if let Err(err) = result {
         match peer {

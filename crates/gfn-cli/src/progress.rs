@@ -53,14 +53,16 @@ impl Progress {
             Some(bar) => {
                 bar.set_position(step);
                 if step.is_multiple_of(16) || step == self.total {
+                    let traj_per_s = steps_per_s * trajectories as f64 / step.max(1) as f64;
                     bar.set_message(format!(
-                        "loss {loss:.4} {steps_per_s:.0} steps/s{eval_part}"
+                        "loss {loss:.4} {steps_per_s:.0} steps/s {traj_per_s:.0} traj/s{eval_part}"
                     ));
                 }
             }
             None if self.last_line.elapsed() >= LOG_INTERVAL => {
                 self.last_line = Instant::now();
-                tracing::info!("step {step}/{} trajectories {trajectories} loss {loss:.4} {steps_per_s:.1} steps/s{eval_part}", self.total);
+                let traj_per_s = steps_per_s * trajectories as f64 / step.max(1) as f64;
+                tracing::info!("step {step}/{} trajectories {trajectories} loss {loss:.4} {steps_per_s:.1} steps/s {traj_per_s:.0} traj/s{eval_part}", self.total);
             }
             None => {}
         }

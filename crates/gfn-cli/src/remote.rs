@@ -385,6 +385,9 @@ impl RemoteReplay {
         let mut totals = Tensor::from_slice(&counts);
         world.comm.all_reduce(&mut totals, ReduceOp::Sum)?;
         let totals = Vec::<f32>::try_from(totals.to_device(Device::Cpu))?;
+        if totals[2] > 0.0 {
+            world.peer_died();
+        }
         for client in std::iter::once(self.client).chain(self.observers) {
             if client.lost().is_none() {
                 let _ = client.shutdown(self.timeout);

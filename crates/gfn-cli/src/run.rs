@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::progress::Progress;
 use crate::remote::{BufferMetrics, BufferSummary, RemoteReplay};
+use crate::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
 use gfn_core::checkpoint;
 use gfn_core::env::HyperGrid;
@@ -179,6 +180,14 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
             state.step
         );
     }
+    let mut events =
+        if root {
+            Some(EventWriter::create(&out).with_context(|| {
+                format!("creating a TensorBoard event file in {}", out.display())
+            })?)
+        } else {
+            None
+        };
     let mut metrics_file = if root {
         Some(
             std::fs::OpenOptions::new()
@@ -229,10 +238,28 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
                     buffer: remote.as_ref().and_then(RemoteReplay::metrics),
                 };
                 writeln!(file, "{}", serde_json::to_string(&line)?)?;
+                if let Some(events) = events.as_mut() {
+                    events.scalars(state.step, &numeric_fields(&serde_json::to_value(&line)?))?;
+                    events.flush()?;
+                }
                 if let Some(p) = &progress {
                     p.evaluation(state.step, &eval);
                 }
                 last_eval = Some(eval);
+            }
+        }
+        if let Some(events) = events.as_mut() {
+            if due(config.train.log_every, state.step) {
+                let traj_per_s = steps_per_s * (trajectories as f64 / state.step.max(1) as f64);
+                events.scalars(
+                    state.step,
+                    &[
+                        ("train/loss".into(), last.loss),
+                        ("train/mean_log_reward".into(), last.mean_log_reward),
+                        ("train/steps_per_s".into(), steps_per_s),
+                        ("train/trajectories_per_s".into(), traj_per_s),
+                    ],
+                )?;
             }
         }
         if root && (due(config.train.checkpoint_every, state.step) || state.step == total) {
@@ -304,6 +331,16 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         serde_json::to_string_pretty(&summary)? + "\n",
     )?;
     Ok(Some(summary))
+}
+
+/// Every number in a metrics line except the step, as TensorBoard scalars named by their key.
+fn numeric_fields(line: &serde_json::Value) -> Vec<(String, f64)> {
+    line.as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| key.as_str() != "step")
+        .filter_map(|(key, value)| value.as_f64().map(|v| (key.clone(), v)))
+        .collect()
 }
 
 /// The summary as an aligned two-column table.

@@ -99,6 +99,16 @@ fn torchrun_rank(rank: usize, port: u16, out: &Path, extra: &[&str]) -> Child {
         .unwrap()
 }
 
+/// A test that hangs must fail, not stall the suite: `pid` is killed after `seconds`.
+fn kill_after(pid: u32, seconds: u64) {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(seconds));
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    });
+}
+
 /// Waits until the trainer has logged metrics that show the buffer rank at work.
 fn wait_for_buffer_traffic(out: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -120,6 +130,7 @@ fn kill_buffer_rank_mid_run(extra: &[&str]) -> (std::process::Output, std::path:
     let port = free_port();
     let mut buffer = torchrun_rank(1, port, &out, extra);
     let trainer = torchrun_rank(0, port, &out, extra);
+    kill_after(trainer.id(), 180);
     wait_for_buffer_traffic(&out);
     buffer.kill().unwrap();
     buffer.wait().unwrap();
@@ -165,6 +176,7 @@ fn under_mpirun_with_recovery_two_trainers_outlive_their_killed_buffer_rank() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    kill_after(job.id(), 180);
     // The buffer rank names its pid when it starts listening.
     let stderr = job.stderr.take().unwrap();
     let (pid_tx, pid_rx) = std::sync::mpsc::channel();
@@ -230,6 +242,7 @@ fn a_buffer_rank_whose_trainer_dies_exits_instead_of_waiting() {
     let port = free_port();
     let buffer = torchrun_rank(1, port, &out, &[]);
     let mut trainer = torchrun_rank(0, port, &out, &[]);
+    kill_after(buffer.id(), 180);
     wait_for_buffer_traffic(&out);
     trainer.kill().unwrap();
     trainer.wait().unwrap();

@@ -87,6 +87,8 @@ pub struct World {
     pub comm: Box<dyn Communicator>,
     /// The device this rank trains on when the backend fixes it (NCCL: its local GPU).
     pub device: Option<Device>,
+    /// False once a rank of the job has died: MPI_Finalize would wait for it forever.
+    finalize: bool,
     // Dropped last: MPI is finalised after the communicators built on it.
     #[cfg(feature = "mpi")]
     _mpi: Option<crate::backends::mpi::MpiWorld>,
@@ -110,6 +112,12 @@ impl World {
         self.placement.is_trainer() && self.rank() == 0
     }
 
+    /// Records that a rank of the job (e.g. a replay-buffer rank) died: this process then
+    /// leaves without MPI_Finalize, which would wait for the dead rank.
+    pub fn peer_died(&mut self) {
+        self.finalize = false;
+    }
+
     /// A single rank without any launcher.
     pub fn single() -> Self {
         World {
@@ -122,6 +130,7 @@ impl World {
             announcements: Vec::new(),
             comm: Box::new(LocalCommunicator),
             device: None,
+            finalize: true,
             #[cfg(feature = "mpi")]
             _mpi: None,
         }
@@ -230,6 +239,7 @@ impl World {
             announcements,
             comm: Box::new(LocalCommunicator),
             device: None,
+            finalize: true,
             #[cfg(feature = "mpi")]
             _mpi: None,
         };
@@ -281,6 +291,15 @@ impl World {
             world._mpi = mpi;
         }
         Ok(world)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        #[cfg(feature = "mpi")]
+        if !self.finalize {
+            std::mem::forget(self._mpi.take());
+        }
     }
 }
 

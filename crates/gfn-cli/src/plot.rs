@@ -1,0 +1,274 @@
+//! PNG plots of a run, drawn in Rust with a bundled font (no system fonts needed):
+//! `curves.png` (TV and L1 against steps and against wall-clock time, and the loss) from
+//! `metrics.jsonl`, and `distribution.png`, the exact learned distribution of the checkpoint
+//! beside the true one as heatmaps (2-D grids; for more dimensions, the marginal over the first
+//! two coordinates), as in Figure 1 of the trajectory-balance paper.
+
+use crate::config::Config;
+use crate::run::{build_state, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE};
+use anyhow::{anyhow, bail, Context, Result};
+use gfn_core::evaluation::{exact_terminating_distribution, forward_policy_table};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+pub const CURVES_FILE: &str = "curves.png";
+pub const DISTRIBUTION_FILE: &str = "distribution.png";
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const FAMILY: &str = "sans-serif";
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
+            .unwrap_or_else(|_| panic!("the bundled font is a valid TrueType font"));
+    });
+}
+
+fn draw_error(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("drawing: {e}")
+}
+
+/// Writes the plots of the run in `dir`; returns their paths.
+pub fn plot_run(dir: &Path) -> Result<Vec<PathBuf>> {
+    register_font();
+    let metrics_path = dir.join(METRICS_FILE);
+    let text = std::fs::read_to_string(&metrics_path)
+        .with_context(|| format!("cannot read {}", metrics_path.display()))?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not JSON", metrics_path.display(), i + 1))
+        })
+        .collect::<Result<_>>()?;
+    if lines.is_empty() {
+        bail!("{} has no metrics yet", metrics_path.display());
+    }
+    let mut written = vec![dir.join(CURVES_FILE)];
+    curves(&lines, &written[0])?;
+    if dir.join(CHECKPOINT_FILE).exists() {
+        let path = dir.join(DISTRIBUTION_FILE);
+        distribution(dir, &path)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+fn series(lines: &[serde_json::Value], x: &str, y: &str) -> Vec<(f64, f64)> {
+    lines
+        .iter()
+        .filter_map(|l| Some((l[x].as_f64()?, l[y].as_f64()?)))
+        .filter(|(_, v)| v.is_finite())
+        .collect()
+}
+
+const COLORS: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+];
+
+/// One panel: `keys` of the metrics against `x`, on a log y axis.
+fn panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    lines: &[serde_json::Value],
+    x: &str,
+    x_label: &str,
+    keys: &[(&str, &str)],
+    title: &str,
+) -> Result<()> {
+    let all: Vec<Vec<(f64, f64)>> = keys
+        .iter()
+        .map(|(k, _)| {
+            series(lines, x, k)
+                .into_iter()
+                .map(|(a, b)| (a, b.max(1e-9)))
+                .collect()
+        })
+        .collect();
+    let points = all.iter().flatten();
+    let x_max = points.clone().map(|p| p.0).fold(0.0, f64::max).max(1e-9);
+    let y_min = points.clone().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let y_max = points.map(|p| p.1).fold(0.0, f64::max);
+    let (y_min, y_max) = if y_min.is_finite() && y_max > 0.0 {
+        (y_min / 1.5, y_max * 1.5)
+    } else {
+        (1e-3, 1.0)
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FAMILY, 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, (y_min..y_max).log_scale())
+        .map_err(draw_error)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .label_style((FAMILY, 13))
+        .draw()
+        .map_err(draw_error)?;
+    for (i, ((_, label), points)) in keys.iter().zip(all).enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(draw_error)?
+            .label(*label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_error)?;
+    Ok(())
+}
+
+fn curves(lines: &[serde_json::Value], path: &Path) -> Result<()> {
+    let root = BitMapBackend::new(path, (1500, 450)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_error)?;
+    let areas = root.split_evenly((1, 3));
+    let distances = [
+        ("exact_tv", "exact TV"),
+        ("tv", "TV (sampled)"),
+        ("l1", "L1 (sampled)"),
+    ];
+    panel(
+        &areas[0],
+        lines,
+        "step",
+        "step",
+        &distances,
+        "distance to the target vs steps",
+    )?;
+    panel(
+        &areas[1],
+        lines,
+        "wall_s",
+        "seconds",
+        &distances,
+        "distance to the target vs time",
+    )?;
+    panel(
+        &areas[2],
+        lines,
+        "step",
+        "step",
+        &[("loss", "loss")],
+        "training loss",
+    )?;
+    root.present().map_err(draw_error)?;
+    Ok(())
+}
+
+/// A light-to-dark blue scale for probabilities in [0, 1] (relative to the panel's maximum).
+fn shade(t: f64) -> RGBColor {
+    let t = t.clamp(0.0, 1.0);
+    let lerp = |a: u8, b: u8| (a as f64 + (b as f64 - a as f64) * t).round() as u8;
+    RGBColor(lerp(247, 8), lerp(251, 48), lerp(255, 107))
+}
+
+fn heatmap(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    grid: &[f64],
+    height: usize,
+    title: &str,
+) -> Result<()> {
+    let max = grid
+        .iter()
+        .copied()
+        .fold(0.0, f64::max)
+        .max(f64::MIN_POSITIVE);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FAMILY, 20))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(40)
+        .build_cartesian_2d(0i32..height as i32, 0i32..height as i32)
+        .map_err(draw_error)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("x0")
+        .y_desc("x1")
+        .label_style((FAMILY, 13))
+        .draw()
+        .map_err(draw_error)?;
+    chart
+        .draw_series((0..height).flat_map(|i| {
+            (0..height).map(move |j| {
+                let p = grid[i * height + j];
+                Rectangle::new(
+                    [(i as i32, j as i32), (i as i32 + 1, j as i32 + 1)],
+                    shade(p / max).filled(),
+                )
+            })
+        }))
+        .map_err(draw_error)?;
+    Ok(())
+}
+
+/// `probabilities` over all states, summed onto the first two coordinates.
+fn marginal(
+    config: &Config,
+    state: &gfn_core::train::TrainState,
+    probabilities: &[f64],
+) -> Vec<f64> {
+    let h = config.env.height;
+    let mut grid = vec![0.0; h * h];
+    let mut coords = vec![0i64; state.env.state_dim()];
+    for (index, &p) in probabilities.iter().enumerate() {
+        state.env.state_from_index(index, &mut coords);
+        grid[coords[0] as usize * h + coords[1] as usize] += p;
+    }
+    grid
+}
+
+fn distribution(dir: &Path, path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(dir.join(CONFIG_FILE))
+        .with_context(|| format!("cannot read {}", dir.join(CONFIG_FILE).display()))?;
+    let config = Config::from_toml(&text, &dir.join(CONFIG_FILE).display().to_string())?;
+    if config.env.dim < 2 {
+        bail!(
+            "distribution plots need at least 2 dimensions, the run has {}",
+            config.env.dim
+        );
+    }
+    let state = build_state(&config, dir, true, Device::Cpu, 0)?;
+    let policy = forward_policy_table(state.env.as_ref(), &state.estimators)?;
+    let learned = exact_terminating_distribution(state.env.as_ref(), &policy);
+    let what = if config.env.dim == 2 {
+        String::new()
+    } else {
+        format!(" (marginal of x0, x1 over {} dims)", config.env.dim)
+    };
+    let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_error)?;
+    let areas = root.split_evenly((1, 2));
+    let h = config.env.height;
+    heatmap(
+        &areas[0],
+        &marginal(&config, &state, &learned),
+        h,
+        &format!("learned, step {}{what}", state.step),
+    )?;
+    heatmap(
+        &areas[1],
+        &marginal(&config, &state, &state.truth.probabilities),
+        h,
+        &format!("target R(x)/Z{what}"),
+    )?;
+    root.present().map_err(draw_error)?;
+    Ok(())
+}
