@@ -155,8 +155,11 @@ impl Client {
         let mut prefetched = self.shared.prefetched.lock().unwrap();
         let k = n.min(prefetched.len());
         let items: Vec<Item> = prefetched.drain(..k).collect();
+        let refill = prefetched.len() < 2 * n;
         drop(prefetched);
-        self.shared.wake.notify_one();
+        if refill {
+            self.shared.wake.notify_one();
+        }
         items
     }
 
@@ -315,11 +318,16 @@ async fn run(
             let ready = shared.prefetched.lock().unwrap().len();
             if wanted > 0 && ready < 2 * wanted {
                 let n = (2 * wanted - ready).min(MAX_SAMPLE as usize) as u32;
-                if let Err(e) = framed.send(encode(&Request::Sample { n })).await {
+                if let Err(e) = framed.feed(encode(&Request::Sample { n })).await {
                     return Some(format!("sending a sample request: {e}"));
                 }
                 sample_in_flight = true;
             }
+        }
+        // Requests are fed as they come and written together: a push and the sample request
+        // that follows it leave in one write.
+        if let Err(e) = SinkExt::<bytes::Bytes>::flush(&mut framed).await {
+            return Some(format!("sending to the server: {e}"));
         }
         tokio::select! {
             command = commands.recv(), if bye.is_none() => {
@@ -335,7 +343,7 @@ async fn run(
                         Request::Shutdown
                     }
                 };
-                if let Err(e) = framed.send(encode(&request)).await {
+                if let Err(e) = framed.feed(encode(&request)).await {
                     return Some(format!("sending to the server: {e}"));
                 }
             }
@@ -375,7 +383,7 @@ async fn run(
             }
             _ = poll.tick(), if stats_every.is_some() && bye.is_none() => {
                 stats_waiters.push_back(None);
-                if let Err(e) = framed.send(encode(&Request::Stats)).await {
+                if let Err(e) = framed.feed(encode(&Request::Stats)).await {
                     return Some(format!("sending a statistics request: {e}"));
                 }
             }
