@@ -271,6 +271,13 @@ impl Default for TrainSection {
 }
 
 impl Config {
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
     /// Parses TOML text, naming the offending key on error.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
         let value: toml::Value =

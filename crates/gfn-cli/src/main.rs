@@ -163,11 +163,9 @@ fn train(args: TrainArgs) -> Result<()> {
                     run::CHECKPOINT_FILE
                 );
             }
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("--resume {}: cannot read {}", dir.display(), path.display())
-            })?;
             (
-                Config::from_toml(&text, &path.display().to_string())?
+                Config::from_file(&path)
+                    .with_context(|| format!("--resume {}", dir.display()))?
                     .with_overrides(&overrides)?,
                 dir,
                 true,
@@ -175,11 +173,7 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         None => {
             let base = match &args.config {
-                Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("--config {}: cannot read", path.display()))?;
-                    Config::from_toml(&text, &path.display().to_string())?
-                }
+                Some(path) => Config::from_file(path).context("--config")?,
                 None => Config::default(),
             };
             let out = args.out.unwrap_or_else(|| {

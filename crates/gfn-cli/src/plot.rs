@@ -236,9 +236,7 @@ fn marginal(
 }
 
 fn distribution(dir: &Path, path: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(dir.join(CONFIG_FILE))
-        .with_context(|| format!("cannot read {}", dir.join(CONFIG_FILE).display()))?;
-    let config = Config::from_toml(&text, &dir.join(CONFIG_FILE).display().to_string())?;
+    let config = Config::from_file(&dir.join(CONFIG_FILE))?;
     if config.env.dim < 2 {
         bail!(
             "distribution plots need at least 2 dimensions, the run has {}",

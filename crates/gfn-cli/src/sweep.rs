@@ -68,9 +68,8 @@ pub fn run(plan: &SweepPlan) -> Result<Vec<Row>> {
     }
     let mut rows = Vec::new();
     for path in &plan.configs {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--config {}: cannot read", path.display()))?;
-        let base = Config::from_toml(&text, &path.display().to_string())?
+        let base = Config::from_file(path)
+            .context("--config")?
             .with_overrides(&plan.overrides)?;
         let setting = path.file_stem().map_or_else(
             || path.display().to_string(),
