@@ -41,28 +41,34 @@ impl Progress {
         trajectories: u64,
         loss: f64,
         steps_per_s: f64,
+        trajectories_per_s: f64,
         eval: Option<&Evaluation>,
     ) {
-        let eval_part = eval.map_or(String::new(), |e| {
+        let message = || {
+            let eval_part = eval.map_or(String::new(), |e| {
+                format!(
+                    " exact_tv {:.4} modes {}/{}",
+                    e.distribution.exact_tv, e.modes_found, e.n_modes
+                )
+            });
             format!(
-                " exact_tv {:.4} modes {}/{}",
-                e.distribution.exact_tv, e.modes_found, e.n_modes
+                "loss {loss:.4} {steps_per_s:.1} steps/s {trajectories_per_s:.0} traj/s{eval_part}"
             )
-        });
+        };
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step);
                 if step.is_multiple_of(16) || step == self.total {
-                    let traj_per_s = steps_per_s * trajectories as f64 / step.max(1) as f64;
-                    bar.set_message(format!(
-                        "loss {loss:.4} {steps_per_s:.0} steps/s {traj_per_s:.0} traj/s{eval_part}"
-                    ));
+                    bar.set_message(message());
                 }
             }
             None if self.last_line.elapsed() >= LOG_INTERVAL => {
                 self.last_line = Instant::now();
-                let traj_per_s = steps_per_s * trajectories as f64 / step.max(1) as f64;
-                tracing::info!("step {step}/{} trajectories {trajectories} loss {loss:.4} {steps_per_s:.1} steps/s {traj_per_s:.0} traj/s{eval_part}", self.total);
+                tracing::info!(
+                    "step {step}/{} trajectories {trajectories} {}",
+                    self.total,
+                    message()
+                );
             }
             None => {}
         }

@@ -223,6 +223,8 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         all_reduce_time += reducer.elapsed;
         train_time += t.elapsed().as_secs_f64();
         let steps_per_s = (state.step - first_step) as f64 / train_time;
+        // Fresh trajectories: every training rank samples one batch per step.
+        let trajectories_per_s = steps_per_s * (config.sampling.batch_size * world_size) as f64;
         let trajectories = state.trajectories * world_size as u64;
         if due(config.train.validate_every, state.step) || state.step == total {
             last.loss = gather_for_evaluation(&mut state, world, last.loss)?;
@@ -250,14 +252,13 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         }
         if let Some(events) = events.as_mut() {
             if due(config.train.log_every, state.step) {
-                let traj_per_s = steps_per_s * (trajectories as f64 / state.step.max(1) as f64);
                 events.scalars(
                     state.step,
                     &[
                         ("train/loss".into(), last.loss),
                         ("train/mean_log_reward".into(), last.mean_log_reward),
                         ("train/steps_per_s".into(), steps_per_s),
-                        ("train/trajectories_per_s".into(), traj_per_s),
+                        ("train/trajectories_per_s".into(), trajectories_per_s),
                     ],
                 )?;
             }
@@ -271,6 +272,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
                 trajectories,
                 last.loss,
                 steps_per_s,
+                trajectories_per_s,
                 last_eval.as_ref(),
             );
         }
