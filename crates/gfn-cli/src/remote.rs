@@ -119,14 +119,14 @@ pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
     }
     let placement = world.placement;
     let env = HyperGrid::new(config.env()?)?;
-    // Modes are counted when the grid can be enumerated (the same rule as the trainers').
-    let mode_log_reward = GroundTruth::enumerate(&env).ok().map(|truth| {
-        let max = truth
-            .log_rewards
+    // Modes are counted when the grid can be enumerated, by the trainers' own mode set.
+    // An item is a mode when its log-reward reaches the smallest among the truth's modes.
+    let mode_log_reward = GroundTruth::enumerate(&env).ok().and_then(|truth| {
+        truth
+            .modes
             .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
-        (max - 1e-6) as f32
+            .map(|&m| truth.log_rewards[m] as f32)
+            .min_by(f32::total_cmp)
     });
     let trainers: Vec<u32> = placement
         .trainers_of(placement.rank)
