@@ -295,7 +295,8 @@ impl Config {
                 } else {
                     format!("`{path}`:")
                 },
-                e.into_inner()
+                // The message alone: the error's display adds a second line with the table.
+                e.into_inner().message()
             )
         })
     }

@@ -150,6 +150,11 @@ fn assert_clean_error(output: &Output, needles: &[&str]) {
     for needle in needles {
         assert!(line.contains(needle), "{needle:?} not in {line:?}");
     }
+    assert_eq!(
+        stderr.trim_end().lines().last(),
+        Some(line),
+        "the error spans more than one line"
+    );
 }
 
 #[test]

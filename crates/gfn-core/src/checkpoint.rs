@@ -68,8 +68,12 @@ pub fn load(state: &mut TrainState, path: &Path) -> Result<()> {
     if !path.exists() {
         return Err(checkpoint_error(path, "no such file"));
     }
-    let tensors = Tensor::load_multi(path)
-        .map_err(|e| checkpoint_error(path, format!("unreadable or corrupt ({e})")))?;
+    let tensors = Tensor::load_multi(path).map_err(|e| {
+        // libtorch's message continues with a C++ backtrace: keep its first line.
+        let message = e.to_string();
+        let first = message.lines().next().unwrap_or_default().to_string();
+        checkpoint_error(path, format!("unreadable or corrupt ({first})"))
+    })?;
     let get = |name: &str| {
         tensors
             .iter()
