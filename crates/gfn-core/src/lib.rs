@@ -7,6 +7,8 @@
 //! - [`trajectories`], [`sampler`], [`replay`]: rolling out batches with exploration, replay.
 //! - [`losses`]: TB, DB, SubTB, FM, ZVar, ModifiedDB as pure functions of a batch and the estimators.
 //! - [`evaluation`]: exact learned distribution (propagation over the DAG) and sampled metrics.
+//! - [`host_mlp`]: the plain-Rust linear layer that CPU rollouts run their policy with.
+//! - [`unique`]: distinct states of a batch, so that networks run once per distinct state.
 //! - [`optim`], [`train`], [`checkpoint`]: the training state and its single `update`.
 
 pub mod checkpoint;
@@ -14,6 +16,7 @@ pub mod env;
 pub mod error;
 pub mod estimators;
 pub mod evaluation;
+pub mod host_mlp;
 pub mod losses;
 pub mod optim;
 pub mod params;
@@ -22,5 +25,6 @@ pub mod sampler;
 pub mod train;
 pub mod trajectories;
 pub mod truth;
+pub mod unique;
 
 pub use error::{Error, Result};

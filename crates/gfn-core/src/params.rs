@@ -121,6 +121,25 @@ impl ParamStore {
         &self.flat
     }
 
+    /// The values of one parameter as a host slice, when the parameters live on the CPU; for
+    /// reading in plain Rust (the rollout policy) without a tensor op.
+    pub fn host_values(&self, id: ParamId) -> Option<&[f32]> {
+        if self.device != Device::Cpu {
+            return None;
+        }
+        let spec = &self.specs[id.0];
+        // SAFETY: `flat` is a contiguous f32 CPU tensor of `self.len()` elements, and
+        // `spec.offset + spec.numel() <= self.len()`. Its values change only in the optimizer
+        // step, a restore or a broadcast, none of which runs while the returned borrow of
+        // `self` is alive.
+        Some(unsafe {
+            std::slice::from_raw_parts(
+                (self.flat.data_ptr() as *const f32).add(spec.offset),
+                spec.numel(),
+            )
+        })
+    }
+
     /// The parameters as autograd leaves.
     pub fn views(&self) -> ParamViews {
         ParamViews(self.leaves.iter().map(|t| t.shallow_clone()).collect())

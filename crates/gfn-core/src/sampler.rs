@@ -2,8 +2,9 @@
 //! over the trajectories still running, ε-uniform exploration and temperature.
 
 use crate::env::Environment;
-use crate::estimators::Estimators;
+use crate::estimators::{Estimators, HostScratch};
 use crate::trajectories::Trajectories;
+use crate::unique::UniqueRows;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
@@ -95,7 +96,8 @@ pub fn choose_action(
 }
 
 /// Rolls out `n` trajectories from the initial state. `policy` fills forward logits
-/// (`rows × n_actions`) for a batch of states.
+/// (`rows × n_actions`) for a batch of states; it is called once per step with the distinct
+/// states of the running trajectories (all of them start at s0, and many share prefixes).
 pub fn rollout(
     env: &dyn Environment,
     n: usize,
@@ -114,15 +116,18 @@ pub fn rollout(
     let mut active: Vec<usize> = (0..n).collect();
     let (mut masks, mut logits, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
     let (mut next_batch, mut next_active, mut stepping) = (Vec::new(), Vec::new(), Vec::new());
+    let mut unique = UniqueRows::default();
     while !active.is_empty() {
-        masks.resize(active.len() * n_actions, false);
-        env.forward_masks(&batch, &mut masks);
-        policy(&batch, &mut logits);
+        unique.fill(&batch, d);
+        masks.resize(unique.len() * n_actions, false);
+        env.forward_masks(&unique.rows, &mut masks);
+        policy(&unique.rows, &mut logits);
         next_batch.clear();
         next_active.clear();
         stepping.clear();
         for (row, &i) in active.iter().enumerate() {
-            let r = row * n_actions..(row + 1) * n_actions;
+            let u = unique.index_of[row];
+            let r = u * n_actions..(u + 1) * n_actions;
             let a = choose_action(
                 &logits[r.clone()],
                 &masks[r],
@@ -152,7 +157,8 @@ pub fn rollout(
     out
 }
 
-/// Rolls out `n` trajectories with the current forward policy (no autograd).
+/// Rolls out `n` trajectories with the current forward policy (no autograd): in plain Rust
+/// when the parameters are on the CPU, else through the device.
 pub fn sample_trajectories(
     env: &dyn Environment,
     estimators: &Estimators,
@@ -160,7 +166,11 @@ pub fn sample_trajectories(
     exploration: Exploration,
     rng: &mut impl Rng,
 ) -> Trajectories {
+    let mut scratch = HostScratch::default();
     rollout(env, n, exploration, rng, |states, logits| {
+        if estimators.pf_logits_host(env, states, logits, &mut scratch) {
+            return;
+        }
         let out = estimators.pf_logits_no_grad(&estimators.input(env, states));
         let out = out.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         logits.resize(out.numel(), 0.0);

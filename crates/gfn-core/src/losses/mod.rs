@@ -21,6 +21,7 @@ use crate::env::Environment;
 use crate::estimators::{additive_mask, masked_log_softmax, Estimators, Wanted};
 use crate::params::ParamViews;
 use crate::trajectories::Trajectories;
+use crate::unique::UniqueRows;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -95,17 +96,27 @@ impl LossConfig {
     }
 }
 
-/// Tensors describing a batch, built once on the host and moved to the device.
+/// Tensors describing a batch, built once on the host and moved to the device. The networks
+/// run once per distinct state of the batch ([`UniqueRows`]); per-state values are gathered
+/// from those rows by the `*_pick` indices.
 pub struct PreparedBatch {
     pub n_trajectories: usize,
     /// Trajectory boundaries (host side, for sub-trajectory weights).
     pub offsets: Vec<usize>,
+    /// Network input: one row per distinct state.
     pub input: Tensor,
+    /// Additive masks of the distinct states.
     forward_mask: Tensor,
     backward_mask: Option<Tensor>,
-    forward_actions: Tensor,
-    /// Backward action from state t to t-1 (0 at first states, where it is masked out).
-    backward_actions: Tensor,
+    /// Distinct row of each state.
+    state_row: Tensor,
+    /// Flat index into the distinct rows' forward log-probabilities: the action taken at each
+    /// state, and the exit.
+    forward_pick: Tensor,
+    exit_pick: Tensor,
+    /// Flat index into the distinct rows' backward log-probabilities: the backward action from
+    /// state t to t-1 (action 0 at first states, where it is masked out).
+    backward_pick: Tensor,
     /// log of the uniform P_B(s_{t-1} | s_t) when P_B is not learned.
     uniform_log_pb: Option<Tensor>,
     /// 0 at the first state of each trajectory, 1 elsewhere.
@@ -138,19 +149,29 @@ pub fn prepare(
     let device = estimators.device();
     let s = batch.n_states();
     let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
+    let unique = UniqueRows::new(&batch.states, batch.state_dim);
+    let n_unique = unique.len();
     let is_first = batch.is_first();
     let is_last = batch.is_last();
-    let mut forward_mask = vec![false; s * n_actions];
-    env.forward_masks(&batch.states, &mut forward_mask);
-    let mut backward_mask = vec![false; s * n_back];
-    env.backward_masks(&batch.states, &mut backward_mask);
-    let backward_actions: Vec<i64> = (0..s)
+    let mut forward_mask = vec![false; n_unique * n_actions];
+    env.forward_masks(&unique.rows, &mut forward_mask);
+    let mut backward_mask = vec![false; n_unique * n_back];
+    env.backward_masks(&unique.rows, &mut backward_mask);
+    let row = |i: usize| unique.index_of[i] as i64;
+    let forward_pick: Vec<i64> = (0..s)
+        .map(|i| row(i) * n_actions as i64 + batch.actions[i] as i64)
+        .collect();
+    let exit_pick: Vec<i64> = (0..s)
+        .map(|i| row(i) * n_actions as i64 + env.exit_action() as i64)
+        .collect();
+    let backward_pick: Vec<i64> = (0..s)
         .map(|i| {
-            if is_first[i] {
+            let action = if is_first[i] {
                 0
             } else {
                 env.backward_action_of(batch.state(i - 1), batch.actions[i - 1]) as i64
-            }
+            };
+            row(i) * n_back as i64 + action
         })
         .collect();
     let next_index: Vec<i64> = (0..s)
@@ -163,32 +184,34 @@ pub fn prepare(
     let mut log_rewards = batch.log_rewards.clone();
     log_rewards.iter_mut().for_each(clip);
     let uniform_log_pb = (!estimators.has_learned_pb()).then(|| {
-        let values: Vec<f32> = backward_mask
-            .chunks_exact(n_back)
-            .zip(&is_first)
-            .map(|(m, &first)| {
-                if first {
+        let values: Vec<f32> = (0..s)
+            .map(|i| {
+                if is_first[i] {
                     0.0
                 } else {
-                    -(m.iter().filter(|&&a| a).count() as f32).ln()
+                    let r = unique.index_of[i];
+                    let mask = &backward_mask[r * n_back..(r + 1) * n_back];
+                    -(mask.iter().filter(|&&a| a).count() as f32).ln()
                 }
             })
             .collect();
         host_tensor(&values, device)
     });
-    let forward_actions: Vec<i64> = batch.actions.iter().map(|&a| a as i64).collect();
+    let state_row: Vec<i64> = (0..s).map(row).collect();
     let not_first: Vec<bool> = is_first.iter().map(|f| !f).collect();
     let not_last: Vec<bool> = is_last.iter().map(|f| !f).collect();
     PreparedBatch {
         n_trajectories: batch.len(),
         offsets: batch.offsets.clone(),
-        input: estimators.input(env, &batch.states),
+        input: estimators.input(env, &unique.rows),
         forward_mask: additive_mask(&forward_mask, n_actions, device),
         backward_mask: estimators
             .has_learned_pb()
             .then(|| additive_mask(&backward_mask, n_back, device)),
-        forward_actions: host_tensor(&forward_actions, device).unsqueeze(1),
-        backward_actions: host_tensor(&backward_actions, device).unsqueeze(1),
+        state_row: host_tensor(&state_row, device),
+        forward_pick: host_tensor(&forward_pick, device),
+        exit_pick: host_tensor(&exit_pick, device),
+        backward_pick: host_tensor(&backward_pick, device),
         uniform_log_pb,
         not_first: host_tensor(&as_f32(&not_first), device),
         not_last: host_tensor(&as_f32(&not_last), device),
@@ -212,28 +235,22 @@ pub struct Evaluated {
     pub log_z: Option<Tensor>,
 }
 
-pub fn evaluate(
-    estimators: &Estimators,
-    p: &ParamViews,
-    batch: &PreparedBatch,
-    exit_action: usize,
-) -> Evaluated {
+pub fn evaluate(estimators: &Estimators, p: &ParamViews, batch: &PreparedBatch) -> Evaluated {
     let wanted = Wanted {
         pf: true,
         pb: estimators.has_learned_pb(),
         log_flow: estimators.has_log_flow(),
     };
     let out = estimators.forward(p, &batch.input, wanted);
-    let log_probs = masked_log_softmax(&out.pf_logits.expect("pf asked for"), &batch.forward_mask);
-    let log_pf = log_probs
-        .gather(1, &batch.forward_actions, false)
-        .squeeze_dim(1);
-    let log_pf_exit = log_probs.select(1, exit_action as i64);
+    let log_probs =
+        masked_log_softmax(&out.pf_logits.expect("pf asked for"), &batch.forward_mask).view([-1]);
+    let log_pf = log_probs.index_select(0, &batch.forward_pick);
+    let log_pf_exit = log_probs.index_select(0, &batch.exit_pick);
     let log_pb = match (&out.pb_logits, &batch.backward_mask, &batch.uniform_log_pb) {
         (Some(logits), Some(mask), _) => {
             masked_log_softmax(logits, mask)
-                .gather(1, &batch.backward_actions, false)
-                .squeeze_dim(1)
+                .view([-1])
+                .index_select(0, &batch.backward_pick)
                 * &batch.not_first
         }
         (None, _, Some(uniform)) => uniform.shallow_clone(),
@@ -243,7 +260,7 @@ pub fn evaluate(
         log_pf,
         log_pf_exit,
         log_pb,
-        log_flow: out.log_flow,
+        log_flow: out.log_flow.map(|f| f.index_select(0, &batch.state_row)),
         log_z: estimators.log_z(p).map(|t| t.shallow_clone()),
     }
 }
@@ -269,7 +286,7 @@ pub fn compute_loss(
         return flow_matching(env, estimators, p, batch, config.log_reward_clip_min);
     }
     let prepared = prepare(env, estimators, batch, config.log_reward_clip_min);
-    let ev = evaluate(estimators, p, &prepared, env.exit_action());
+    let ev = evaluate(estimators, p, &prepared);
     match config.kind {
         LossKind::Tb => trajectory_balance(&ev, &prepared),
         LossKind::Db => detailed_balance(&ev, &prepared),
