@@ -20,10 +20,11 @@ python3 - "$out" <<'PY'
 import json, sys
 s = {r: json.load(open(f"{sys.argv[1]}/r{r}/summary.json")) for r in (1, 2)}
 traj = {r: s[r]["trajectories"] / s[r]["steps"] * s[r]["steps_per_s"] for r in (1, 2)}
-print("| ranks | steps/s | trajectories/s | all-reduce ms/step | all-reduce share of a step |")
-print("|---:|---:|---:|---:|---:|")
+print("| ranks | steps/s | trajectories/s | all-reduce ms/step | all-reduce share of a step | waiting for the slowest rank, ms/step (share) |")
+print("|---:|---:|---:|---:|---:|---:|")
 for r in (1, 2):
-    share = s[r]["all_reduce_ms_per_step"] / (1e3 / s[r]["steps_per_s"])
-    print(f"| {r} | {s[r]['steps_per_s']:.1f} | {traj[r]:.0f} | {s[r]['all_reduce_ms_per_step']:.3f} | {100 * share:.1f}% |")
+    step_ms = 1e3 / s[r]["steps_per_s"]
+    reduce_ms, wait_ms = s[r]["all_reduce_ms_per_step"], s[r]["rank_wait_ms_per_step"]
+    print(f"| {r} | {s[r]['steps_per_s']:.1f} | {traj[r]:.0f} | {reduce_ms:.3f} | {100 * reduce_ms / step_ms:.1f}% | {wait_ms:.3f} ({100 * wait_ms / step_ms:.1f}%) |")
 print(f"\n2 ranks: {traj[2] / traj[1]:.2f}x the trajectories/s of 1 (scaling efficiency {50 * traj[2] / traj[1]:.0f}%)")
 PY

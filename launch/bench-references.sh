@@ -4,6 +4,11 @@
 #   - torchgfn 2.4.1 (PyPI): separate P_F and P_B MLPs, so ours runs with model.backward=learned;
 #   - gfnx (PyPI), jitted: one MLP with forward and backward heads, so ours runs with
 #     model.backward=tied (the same FLOPs per state).
+# Then, at 4x8 (batch 16 and 128), the whole training programs at their own defaults: gfnx's
+# `baselines/tb_hypergrid.py` (from the gfnx sdist on PyPI, run unchanged) against `gfn train`,
+# both evaluating every 500 steps; steps/s = (2000 - 500) / (wall time of a 2000-step run minus
+# that of a 500-step run), which cancels start-up and JAX's compilation. torchgfn's example
+# scripts are not on PyPI, so it has only the step loop.
 # Usage: launch/bench-references.sh [SECONDS_PER_SETTING]   (default 5)
 # The reference venvs live in .venv-ref/ (created on first use; torchgfn reuses the project's torch).
 set -euo pipefail
@@ -27,9 +32,19 @@ if [ ! -x "$ref/gfnx/bin/python" ] || ! "$ref/gfnx/bin/python" -c 'import gfnx' 
   python3 -m venv "$ref/gfnx"
   "$ref/gfnx/bin/pip" install -q gfnx==0.0.1 equinox==0.13.8 optax==0.2.8 jax==0.6.2 jaxlib==0.6.2
 fi
+if ! "$ref/gfnx/bin/python" -c 'import hydra' 2>/dev/null; then
+  "$ref/gfnx/bin/pip" install -q hydra-core==1.3.2
+fi
+baselines="$ref/gfnx-0.0.1/baselines"
+if [ ! -f "$baselines/tb_hypergrid.py" ]; then
+  echo "[bench] fetching gfnx's baselines from its sdist into $ref" >&2
+  "$ref/gfnx/bin/pip" download -q --no-deps --no-binary :all: gfnx==0.0.1 -d "$ref"
+  tar -xzf "$ref/gfnx-0.0.1.tar.gz" -C "$ref"
+fi
 
 results="$(mktemp)"
-trap 'rm -f "$results" "$results".json' EXIT
+scratch="$(mktemp -d)"
+trap 'rm -rf "$results" "$results".json "$scratch"' EXIT
 for setting in "4 8 16" "4 8 128" "2 64 16" "2 64 128"; do
   read -r dim height batch <<<"$setting"
   echo "[bench] ${dim}x${height} batch ${batch}" >&2
@@ -58,3 +73,36 @@ for (grid, batch), impls in by.items():
     fmt = lambda c: f"{c[0]:.1f} steps/s ({c[1]:.0f} traj/s)"
     print(f"| {grid} | {batch} | {fmt(ours_l)} | {fmt(torch_)} | {ours_l[0] / torch_[0]:.1f}x | {fmt(ours_t)} | {fmt(jax_)} | {ours_t[0] / jax_[0]:.1f}x |")
 PY
+
+# Whole programs: wall time of a run of N steps, for N = 500 and 2000.
+wall() {  # wall IMPL BATCH STEPS -> seconds
+  local impl="$1" batch="$2" steps="$3" start end
+  rm -rf "$scratch/run"
+  start="$(date +%s.%N)"
+  if [ "$impl" = gfnx ]; then
+    (cd "$scratch" && "$ref/gfnx/bin/python" "$root/launch/references/gfnx_baseline.py" "$baselines" \
+      environment.dim=4 environment.side=8 num_envs="$batch" num_train_steps="$steps" \
+      logging.use_writer=false hydra.run.dir="$scratch/run" >/dev/null 2>&1)
+  else
+    target/release/gfn train --out "$scratch/run" --set env.preset=easy --set model.backward=tied \
+      --set sampling.batch_size="$batch" --set train.steps="$steps" >/dev/null 2>&1
+  fi
+  end="$(date +%s.%N)"
+  python3 -c "print($end - $start)"
+}
+echo
+echo "| batch | gfn train | gfnx tb_hypergrid.py | ratio |"
+echo "|---:|---:|---:|---:|"
+for batch in 16 128; do
+  echo "[bench] whole programs, 4x8 batch ${batch}" >&2
+  declare -A rate
+  for impl in gfn gfnx; do
+    short="$(wall "$impl" "$batch" 500)"
+    long="$(wall "$impl" "$batch" 2000)"
+    rate[$impl]="$(python3 -c "print(1500 / ($long - $short))")"
+  done
+  python3 -c "
+ours, theirs, b = ${rate[gfn]}, ${rate[gfnx]}, $batch
+cell = lambda r: f'{r:.1f} steps/s ({r * b:.0f} traj/s)'
+print(f'| {b} | {cell(ours)} | {cell(theirs)} | {ours / theirs:.1f}x |')"
+done

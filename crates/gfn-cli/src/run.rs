@@ -58,7 +58,10 @@ pub struct Summary {
     /// Training ranks (data parallel).
     pub ranks: usize,
     pub backend: String,
+    /// The all-reduce of the gradient itself.
     pub all_reduce_ms_per_step: f64,
+    /// Waiting, before the all-reduce, for the rank with the longest trajectories.
+    pub rank_wait_ms_per_step: f64,
     pub device: String,
     #[serde(flatten)]
     pub buffer: Option<BufferSummary>,
@@ -200,7 +203,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
     };
     let started = Instant::now();
     let mut train_time = 0.0;
-    let mut all_reduce_time = Duration::ZERO;
+    let (mut all_reduce_time, mut rank_wait_time) = (Duration::ZERO, Duration::ZERO);
     let first_step = state.step;
     let mut progress = root.then(|| Progress::new(first_step, total));
     let mut last = StepMetrics {
@@ -221,6 +224,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         };
         last = state.update(&batch, &mut reducer)?;
         all_reduce_time += reducer.elapsed;
+        rank_wait_time += reducer.waited;
         train_time += t.elapsed().as_secs_f64();
         let steps_per_s = (state.step - first_step) as f64 / train_time;
         // Fresh trajectories: every training rank samples one batch per step.
@@ -297,6 +301,13 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         }
     };
     let steps_done = state.step - first_step;
+    let per_step_ms = |total: Duration| {
+        if steps_done > 0 {
+            1e3 * total.as_secs_f64() / steps_done as f64
+        } else {
+            0.0
+        }
+    };
     let d = &eval.distribution;
     let summary = Summary {
         loss: last.loss,
@@ -320,11 +331,8 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         },
         ranks: world_size,
         backend: world.comm.backend().to_string(),
-        all_reduce_ms_per_step: if steps_done > 0 {
-            1e3 * all_reduce_time.as_secs_f64() / steps_done as f64
-        } else {
-            0.0
-        },
+        all_reduce_ms_per_step: per_step_ms(all_reduce_time),
+        rank_wait_ms_per_step: per_step_ms(rank_wait_time),
         device: device_name,
         buffer,
     };

@@ -67,14 +67,18 @@ impl MpiWorld {
         } else {
             Color::undefined()
         };
-        world
-            .split_by_color(color)
-            .map(|comm| MpiCommunicator { comm })
+        world.split_by_color(color).map(|comm| MpiCommunicator {
+            comm,
+            send: Vec::new(),
+        })
     }
 }
 
 pub struct MpiCommunicator {
     comm: SimpleCommunicator,
+    /// The all-reduce's send copy, kept between steps (rsmpi offers no portable in-place
+    /// reduction), so that a step does not allocate and fault in a gradient-sized buffer.
+    send: Vec<f32>,
 }
 
 /// Runs `f` on the tensor's f32 data in host memory, copying back if it lives elsewhere.
@@ -114,13 +118,14 @@ impl Communicator for MpiCommunicator {
     }
 
     fn all_reduce(&mut self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
-        let world = self.world_size() as f32;
-        let comm = &self.comm;
+        let inverse_world = 1.0 / self.world_size() as f32;
+        let (comm, send) = (&self.comm, &mut self.send);
         with_host_slice(buffer, |data| {
-            let send = data.to_vec();
+            send.clear();
+            send.extend_from_slice(data);
             comm.all_reduce_into(&send[..], data, SystemOperation::sum());
             if op == ReduceOp::Average {
-                data.iter_mut().for_each(|x| *x /= world);
+                data.iter_mut().for_each(|x| *x *= inverse_world);
             }
         })
     }
