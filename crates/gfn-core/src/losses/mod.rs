@@ -1,7 +1,7 @@
 //! GFlowNet objectives. Each loss is a pure function of a batch of trajectories and the
 //! estimators' outputs on it: [`prepare`] turns trajectories into index and mask tensors,
-//! [`evaluate`] runs one batched forward over every state of the batch, and the loss functions
-//! only combine those tensors.
+//! [`evaluate`] runs one batched forward over the distinct states of the batch and gathers the
+//! per-state values, and the loss functions only combine those tensors.
 
 mod db;
 mod fm;
