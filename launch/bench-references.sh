@@ -93,9 +93,9 @@ wall() {  # wall IMPL BATCH STEPS -> seconds
 echo
 echo "| batch | gfn train | gfnx tb_hypergrid.py | ratio |"
 echo "|---:|---:|---:|---:|"
+declare -A rate
 for batch in 16 128; do
   echo "[bench] whole programs, 4x8 batch ${batch}" >&2
-  declare -A rate
   for impl in gfn gfnx; do
     short="$(wall "$impl" "$batch" 500)"
     long="$(wall "$impl" "$batch" 2000)"

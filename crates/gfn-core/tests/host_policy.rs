@@ -96,7 +96,7 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
         batch.n_states()
     );
     let p = est.params.views();
-    let ev = evaluate(&est, &p, &prepared);
+    let ev = evaluate(&est, &p, &prepared, env.exit_action());
 
     // The same quantities from one network row per state, repeats included.
     let s = batch.n_states();

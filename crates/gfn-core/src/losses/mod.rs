@@ -111,9 +111,8 @@ pub struct PreparedBatch {
     /// Distinct row of each state.
     state_row: Tensor,
     /// Flat index into the distinct rows' forward log-probabilities: the action taken at each
-    /// state, and the exit.
+    /// state.
     forward_pick: Tensor,
-    exit_pick: Tensor,
     /// Flat index into the distinct rows' backward log-probabilities: the backward action from
     /// state t to t-1 (action 0 at first states, where it is masked out).
     backward_pick: Tensor,
@@ -161,9 +160,6 @@ pub fn prepare(
     let forward_pick: Vec<i64> = (0..s)
         .map(|i| row(i) * n_actions as i64 + batch.actions[i] as i64)
         .collect();
-    let exit_pick: Vec<i64> = (0..s)
-        .map(|i| row(i) * n_actions as i64 + env.exit_action() as i64)
-        .collect();
     let backward_pick: Vec<i64> = (0..s)
         .map(|i| {
             let action = if is_first[i] {
@@ -210,7 +206,6 @@ pub fn prepare(
             .then(|| additive_mask(&backward_mask, n_back, device)),
         state_row: host_tensor(&state_row, device),
         forward_pick: host_tensor(&forward_pick, device),
-        exit_pick: host_tensor(&exit_pick, device),
         backward_pick: host_tensor(&backward_pick, device),
         uniform_log_pb,
         not_first: host_tensor(&as_f32(&not_first), device),
@@ -235,17 +230,23 @@ pub struct Evaluated {
     pub log_z: Option<Tensor>,
 }
 
-pub fn evaluate(estimators: &Estimators, p: &ParamViews, batch: &PreparedBatch) -> Evaluated {
+pub fn evaluate(
+    estimators: &Estimators,
+    p: &ParamViews,
+    batch: &PreparedBatch,
+    exit_action: usize,
+) -> Evaluated {
     let wanted = Wanted {
         pf: true,
         pb: estimators.has_learned_pb(),
         log_flow: estimators.has_log_flow(),
     };
     let out = estimators.forward(p, &batch.input, wanted);
-    let log_probs =
-        masked_log_softmax(&out.pf_logits.expect("pf asked for"), &batch.forward_mask).view([-1]);
-    let log_pf = log_probs.index_select(0, &batch.forward_pick);
-    let log_pf_exit = log_probs.index_select(0, &batch.exit_pick);
+    let log_probs = masked_log_softmax(&out.pf_logits.expect("pf asked for"), &batch.forward_mask);
+    let log_pf = log_probs.view([-1]).index_select(0, &batch.forward_pick);
+    let log_pf_exit = log_probs
+        .select(1, exit_action as i64)
+        .index_select(0, &batch.state_row);
     let log_pb = match (&out.pb_logits, &batch.backward_mask, &batch.uniform_log_pb) {
         (Some(logits), Some(mask), _) => {
             masked_log_softmax(logits, mask)
@@ -286,7 +287,7 @@ pub fn compute_loss(
         return flow_matching(env, estimators, p, batch, config.log_reward_clip_min);
     }
     let prepared = prepare(env, estimators, batch, config.log_reward_clip_min);
-    let ev = evaluate(estimators, p, &prepared);
+    let ev = evaluate(estimators, p, &prepared, env.exit_action());
     match config.kind {
         LossKind::Tb => trajectory_balance(&ev, &prepared),
         LossKind::Db => detailed_balance(&ev, &prepared),
