@@ -34,7 +34,7 @@ fn main() {
     println!("libtorch threads: {threads}");
     println!("| rows | libtorch µs/call | host µs/call |");
     println!("|---:|---:|---:|");
-    for rows in [1usize, 4, 16, 64] {
+    for rows in [1usize, 4, 16, 32, 48, 64, 128] {
         let states: Vec<i64> = (0..rows * env.state_dim())
             .map(|_| rng.gen_range(0..8))
             .collect();

@@ -278,7 +278,9 @@ impl Estimators {
         scratch: &mut HostScratch,
     ) -> bool {
         let rows = states.len() / env.state_dim();
-        if self.device() != Device::Cpu || (rows > HOST_ROWS_MAX && tch::get_num_threads() > 1) {
+        let libtorch_faster =
+            rows > crate::host_mlp::rows_ahead_of_libtorch() && tch::get_num_threads() > 1;
+        if self.device() != Device::Cpu || libtorch_faster {
             return false;
         }
         let host = |id: ParamId| self.params.host_values(id).expect("parameters on the CPU");
@@ -332,10 +334,6 @@ impl Estimators {
         })
     }
 }
-
-/// Above this many rows libtorch on two or more threads computes the policy faster than the
-/// host kernel on one (measured for hidden 256: equal at 16 rows, 1.5x faster at 64).
-const HOST_ROWS_MAX: usize = 16;
 
 /// Buffers that [`Estimators::pf_logits_host`] reuses between the steps of a rollout.
 #[derive(Debug, Default)]
