@@ -127,10 +127,10 @@ fn sparse_rows(Dims { m, k, n }: Dims, a: &[f32], b: &[f32], c: &mut [f32]) {
     }
 }
 
-/// Register blocks of [`ROWS`] × [`COLS`], then the last columns.
+/// Register blocks of [`ROWS`] × [`COLS`], then the last columns ([`narrow`]).
 #[inline(always)]
 fn blocks(dims: Dims, a: &[f32], b: &[f32], c: &mut [f32]) {
-    let Dims { m, k, n } = dims;
+    let Dims { m, n, .. } = dims;
     let wide = n - n % COLS;
     for col in (0..wide).step_by(COLS) {
         let mut row = 0;
@@ -145,13 +145,48 @@ fn blocks(dims: Dims, a: &[f32], b: &[f32], c: &mut [f32]) {
             row += height;
         }
     }
-    // The last columns (a head with a few outputs): one dot product per row and column.
-    for i in 0..m {
-        for j in wide..n {
-            let dot = (0..k).fold(0f32, |s, kk| a[i * k + kk].mul_add(b[kk * n + j], s));
-            c[i * n + j] += dot;
+    if wide < n {
+        narrow(dims, a, b, wide, c);
+    }
+}
+
+/// The last `n - col` (< [`COLS`]) columns, a head with a few outputs: one dot product per row
+/// and column over a transposed copy of those columns of `b`, vectorised along `k`.
+#[inline(always)]
+fn narrow(Dims { m, k, n }: Dims, a: &[f32], b: &[f32], col: usize, c: &mut [f32]) {
+    let width = n - col;
+    let mut columns = vec![0f32; width * k];
+    for (kk, bk) in b.chunks_exact(n).enumerate() {
+        for (j, &v) in bk[col..].iter().enumerate() {
+            columns[j * k + kk] = v;
         }
     }
+    for i in 0..m {
+        let ai = &a[i * k..(i + 1) * k];
+        for (j, column) in columns.chunks_exact(k.max(1)).enumerate() {
+            c[i * n + col + j] += dot(ai, column);
+        }
+    }
+}
+
+/// Dot product with 32 lanes of partial sums (four vectors in flight).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 32;
+    let mut acc = [0f32; LANES];
+    let (a_whole, b_whole) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_whole
+        .remainder()
+        .iter()
+        .zip(b_whole.remainder())
+        .map(|(&x, &y)| x * y)
+        .sum();
+    for (ac, bc) in a_whole.zip(b_whole) {
+        for i in 0..LANES {
+            acc[i] = ac[i].mul_add(bc[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `R` rows (at most [`ROWS`]) by a full [`COLS`] block of columns, the rows unrolled so that
