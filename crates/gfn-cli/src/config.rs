@@ -243,7 +243,7 @@ pub struct TrainSection {
     pub seed: u64,
     /// auto, cpu, cuda or cuda:N.
     pub device: String,
-    /// Intra-op threads of libtorch; 0 keeps libtorch's default.
+    /// CPU threads of each rank; 0: every CPU the rank may run on.
     pub threads: usize,
     /// Evaluate every this many steps (and at the end); 0: only at the end.
     pub validate_every: u64,
@@ -394,6 +394,7 @@ impl Config {
                 ratio: self.replay.ratio,
             },
             seed: self.train.seed,
+            threads: self.train.threads,
         };
         config.validate()?;
         Ok(config)

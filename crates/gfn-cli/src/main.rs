@@ -153,7 +153,7 @@ fn train(args: TrainArgs) -> Result<()> {
             overrides.push(format!("wandb.{key}={value:?}"));
         }
     }
-    let (config, out, resume) = match args.resume {
+    let (mut config, out, resume) = match args.resume {
         Some(dir) => {
             let path = dir.join(run::CONFIG_FILE);
             if !dir.join(run::CHECKPOINT_FILE).exists() {
@@ -185,6 +185,7 @@ fn train(args: TrainArgs) -> Result<()> {
             (base.with_overrides(&overrides)?, out, false)
         }
     };
+    config.train.threads = run::threads_per_rank(config.train.threads);
     let backend = config.backend()?;
     let mut announcer = remote::Announcer { server: None };
     let mut world = World::join(

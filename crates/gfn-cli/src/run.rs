@@ -10,6 +10,7 @@ use gfn_core::checkpoint;
 use gfn_core::env::HyperGrid;
 use gfn_core::train::{Evaluation, StepMetrics, TrainState};
 use gfn_ddp::comm::ReduceOp;
+use gfn_ddp::launch_env::RankInfo;
 use gfn_ddp::reducer::AllReduceGradients;
 use gfn_ddp::world::World;
 use serde::Serialize;
@@ -83,15 +84,26 @@ pub fn build_state(
     stream: u64,
 ) -> Result<TrainState> {
     let train_config = config.train_config()?;
-    if config.train.threads > 0 {
-        tch::set_num_threads(config.train.threads as i32);
-    }
     let env = HyperGrid::new(config.env()?)?;
     let mut state = TrainState::new(Box::new(env), train_config, device, stream)?;
     if resume {
         checkpoint::load(&mut state, &out.join(CHECKPOINT_FILE))?;
     }
     Ok(state)
+}
+
+/// `train.threads`, with 0 resolved to this machine's CPUs shared among the ranks that the
+/// launcher runs on it (all ranks when it does not say), so that ranks never oversubscribe.
+pub fn threads_per_rank(threads: usize) -> usize {
+    if threads > 0 {
+        return threads;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ranks_here = RankInfo::from_env()
+        .ok()
+        .map_or(1, |info| info.local_world_size.unwrap_or(info.world_size))
+        .max(1);
+    (cpus / ranks_here).max(1)
 }
 
 pub fn prepare_out_dir(out: &Path) -> Result<()> {
@@ -175,6 +187,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
             loss = ?config.loss.name,
             batch = config.sampling.batch_size,
             ranks = world_size,
+            threads = config.train.threads,
             backend = world.comm.backend(),
             params = state.estimators.params.len(),
             device = %device_name,

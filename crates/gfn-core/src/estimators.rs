@@ -262,6 +262,47 @@ impl Estimators {
         }
     }
 
+    /// `wanted` split into groups of outputs that share no parameters, each group computed by
+    /// its own networks: their forward and backward passes can run on separate threads. A
+    /// tied P_B stays with P_F (one trunk); tables never share.
+    pub fn independent_groups(&self, wanted: Wanted) -> Vec<Wanted> {
+        let trunk_of = |head: &Head| match head {
+            Head::Mlp { trunk, .. } => Some(*trunk),
+            Head::Table(_) => None,
+        };
+        let pf_trunk = trunk_of(&self.pf);
+        let shares_pf_trunk = |head: &Head| pf_trunk.is_some() && trunk_of(head) == pf_trunk;
+        let mut first = Wanted {
+            pf: wanted.pf,
+            ..Default::default()
+        };
+        let mut groups = Vec::new();
+        if let Some(pb) = self.pb.as_ref().filter(|_| wanted.pb) {
+            if shares_pf_trunk(pb) {
+                first.pb = true;
+            } else {
+                groups.push(Wanted {
+                    pb: true,
+                    ..Default::default()
+                });
+            }
+        }
+        if let Some(flow) = self.log_flow.as_ref().filter(|_| wanted.log_flow) {
+            if shares_pf_trunk(flow) {
+                first.log_flow = true;
+            } else {
+                groups.push(Wanted {
+                    log_flow: true,
+                    ..Default::default()
+                });
+            }
+        }
+        if first.pf || first.pb || first.log_flow {
+            groups.insert(0, first);
+        }
+        groups
+    }
+
     pub fn log_z<'a>(&self, p: &'a ParamViews) -> Option<&'a Tensor> {
         self.log_z.map(|id| &p[id])
     }

@@ -19,6 +19,7 @@ pub mod evaluation;
 pub mod host_mlp;
 pub mod losses;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod replay;
 pub mod sampler;

@@ -2,6 +2,7 @@
 //! Written here rather than taken from libtorch so that its state (moments, step) can be
 //! checkpointed and restored exactly.
 
+use crate::parallel::{map_on_pool, ThreadPool};
 use crate::params::{ParamGroup, ParamStore};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -118,9 +119,14 @@ impl Adam {
 
     /// One update of `params` from the flat gradient `grad`.
     pub fn step(&mut self, params: &mut ParamStore, grad: &Tensor) {
+        self.step_on(params, grad, None)
+    }
+
+    /// [`Adam::step`], spread over `pool`'s threads on the CPU.
+    pub fn step_on(&mut self, params: &mut ParamStore, grad: &Tensor, pool: Option<&ThreadPool>) {
         self.steps += 1;
         if params.device() == Device::Cpu {
-            self.step_fused_cpu(params, grad);
+            self.step_fused_cpu(params, grad, pool);
         } else {
             self.step_tensor_ops(params, grad);
         }
@@ -156,14 +162,24 @@ impl Adam {
     }
 
     /// The same update in one pass over memory: on CPU the tensor version spends most of its
-    /// time allocating and streaming a dozen temporaries.
-    fn step_fused_cpu(&mut self, params: &mut ParamStore, grad: &Tensor) {
+    /// time allocating and streaming a dozen temporaries. With a pool, each thread updates
+    /// its own contiguous share of the parameters.
+    fn step_fused_cpu(
+        &mut self,
+        params: &mut ParamStore,
+        grad: &Tensor,
+        pool: Option<&ThreadPool>,
+    ) {
         let c = self.config;
         let (bias1, bias2) = self.bias_corrections();
         let grad = grad.to_kind(Kind::Float).contiguous();
         let n = params.len();
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
+        let constants = AdamConstants {
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
+        };
         // SAFETY: all four tensors are contiguous f32 CPU tensors of `n` elements owned by this
         // optimizer and the parameter store, which are exclusively borrowed here.
         let (p, g, m, v) = unsafe {
@@ -174,26 +190,128 @@ impl Adam {
                 std::slice::from_raw_parts_mut(self.exp_avg_sq.data_ptr() as *mut f32, n),
             )
         };
-        for &(offset, len, lr, wd) in &self.segments {
-            let range = offset..offset + len;
-            let step = (lr / bias1) as f32;
-            let (decay, l2) = match c.kind {
-                OptimizerKind::Adam => (1.0, wd as f32),
-                OptimizerKind::AdamW => ((1.0 - lr * wd) as f32, 0.0),
-            };
-            for (((p, &g), m), v) in p[range.clone()]
-                .iter_mut()
-                .zip(&g[range.clone()])
-                .zip(&mut m[range.clone()])
-                .zip(&mut v[range])
-            {
-                let g = g + l2 * *p;
-                *p *= decay;
-                *m += (1.0 - b1) * (g - *m);
-                *v += (1.0 - b2) * (g * g - *v);
-                *p -= step * *m / (v.sqrt() * inv_sqrt_bias2 + eps);
-            }
+        // Each parameter's range and the constants of its group.
+        let segments: Vec<(std::ops::Range<usize>, AdamSegment)> = self
+            .segments
+            .iter()
+            .map(|&(offset, len, lr, wd)| {
+                let (decay, l2) = match c.kind {
+                    OptimizerKind::Adam => (1.0, wd as f32),
+                    OptimizerKind::AdamW => ((1.0 - lr * wd) as f32, 0.0),
+                };
+                let step = (lr / bias1) as f32;
+                (offset..offset + len, AdamSegment { step, decay, l2 })
+            })
+            .collect();
+        let threads = pool.map_or(1, ThreadPool::threads);
+        // Thread k updates elements n·k/threads .. n·(k+1)/threads.
+        let mut rest = AdamBuffers { p, g, m, v };
+        let mut shares = Vec::with_capacity(threads);
+        let mut start = 0;
+        for k in 0..threads {
+            let end = n * (k + 1) / threads;
+            let (share, tail) = rest.split_at(end - start);
+            shares.push((start, share));
+            rest = tail;
+            start = end;
         }
+        let update_share = |(start, mut share): (usize, AdamBuffers)| {
+            let end = start + share.p.len();
+            for (range, segment) in &segments {
+                let (lo, hi) = (range.start.max(start), range.end.min(end));
+                if lo < hi {
+                    adam_elements(&constants, segment, share.range(lo - start..hi - start));
+                }
+            }
+        };
+        match pool {
+            Some(pool) => {
+                map_on_pool(pool, shares, update_share);
+            }
+            None => shares.into_iter().for_each(update_share),
+        }
+    }
+}
+
+struct AdamConstants {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    inv_sqrt_bias2: f32,
+}
+
+struct AdamSegment {
+    step: f32,
+    decay: f32,
+    l2: f32,
+}
+
+/// Parameters, gradient and both moments over the same elements.
+struct AdamBuffers<'a> {
+    p: &'a mut [f32],
+    g: &'a [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+}
+
+impl<'a> AdamBuffers<'a> {
+    fn split_at(self, mid: usize) -> (AdamBuffers<'a>, AdamBuffers<'a>) {
+        let (p0, p1) = self.p.split_at_mut(mid);
+        let (g0, g1) = self.g.split_at(mid);
+        let (m0, m1) = self.m.split_at_mut(mid);
+        let (v0, v1) = self.v.split_at_mut(mid);
+        (
+            AdamBuffers {
+                p: p0,
+                g: g0,
+                m: m0,
+                v: v0,
+            },
+            AdamBuffers {
+                p: p1,
+                g: g1,
+                m: m1,
+                v: v1,
+            },
+        )
+    }
+
+    fn range(&mut self, range: std::ops::Range<usize>) -> AdamBuffers<'_> {
+        AdamBuffers {
+            p: &mut self.p[range.clone()],
+            g: &self.g[range.clone()],
+            m: &mut self.m[range.clone()],
+            v: &mut self.v[range],
+        }
+    }
+}
+
+/// The element-wise update, compiled for AVX-512 where the CPU has it: its square roots and
+/// divisions are exact, so both versions give the same bits.
+fn adam_elements(c: &AdamConstants, s: &AdamSegment, b: AdamBuffers) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { adam_elements_avx512(c, s, b) };
+    }
+    adam_elements_portable(c, s, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn adam_elements_avx512(c: &AdamConstants, s: &AdamSegment, b: AdamBuffers) {
+    adam_elements_portable(c, s, b)
+}
+
+#[inline(always)]
+fn adam_elements_portable(c: &AdamConstants, s: &AdamSegment, b: AdamBuffers) {
+    let AdamBuffers { p, g, m, v } = b;
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let g = g + s.l2 * *p;
+        *p *= s.decay;
+        *m += (1.0 - c.beta1) * (g - *m);
+        *v += (1.0 - c.beta2) * (g * g - *v);
+        *p -= s.step * *m / (v.sqrt() * c.inv_sqrt_bias2 + c.eps);
     }
 }
 
@@ -262,7 +380,7 @@ mod tests {
                     let grad = params.grad();
                     adam.steps += 1;
                     if fused {
-                        adam.step_fused_cpu(&mut params, &grad)
+                        adam.step_fused_cpu(&mut params, &grad, None)
                     } else {
                         adam.step_tensor_ops(&mut params, &grad)
                     }

@@ -1,8 +1,9 @@
 //! All trainable parameters share one flat storage tensor: every parameter is a leaf tensor that
 //! views its slice. The optimizer updates the flat tensor in a few ops, a checkpoint is one
-//! tensor, and the gradient is gathered into one contiguous buffer for a single all-reduce.
-//! (Leaves that *view* the storage, rather than views taken from one flat leaf inside the
-//! graph, keep backward from materialising a full-size gradient per parameter.)
+//! tensor, and the leaves' gradients view one flat gradient buffer, which backward fills in
+//! place and a single all-reduce takes as it is. (Leaves that *view* the storage, rather than
+//! views taken from one flat leaf inside the graph, keep backward from materialising a
+//! full-size gradient per parameter.)
 
 use rand::Rng;
 use tch::{Device, Kind, Tensor};
@@ -74,30 +75,59 @@ impl ParamStoreBuilder {
 
     pub fn build(self, device: Device) -> ParamStore {
         let flat = Tensor::from_slice(&self.values).to_device(device);
-        let leaves = self
-            .specs
-            .iter()
-            .map(|s| {
-                flat.narrow(0, s.offset as i64, s.numel() as i64)
-                    .view(s.shape.as_slice())
-                    .detach()
-                    .set_requires_grad(true)
-            })
-            .collect();
+        let leaves = leaves_over(&flat, &self.specs);
         ParamStore {
             flat,
-            leaves,
+            leaf_sets: vec![leaves],
             specs: self.specs,
             device,
         }
     }
 }
 
+/// One autograd leaf per parameter, each viewing its slice of `flat`, with its gradient
+/// viewing the same slice of a flat gradient buffer (returned too): backward accumulates into
+/// the buffer, which is zeroed in one op and read with no gathering.
+fn leaves_over(flat: &Tensor, specs: &[ParamSpec]) -> LeafSet {
+    let slice = |t: &Tensor, s: &ParamSpec| {
+        t.narrow(0, s.offset as i64, s.numel() as i64)
+            .view(s.shape.as_slice())
+    };
+    let leaves: Vec<Tensor> = specs
+        .iter()
+        .map(|s| slice(flat, s).detach().set_requires_grad(true))
+        .collect();
+    let grad = flat.detach().zeros_like();
+    // A backward pass gives every leaf a gradient tensor, which then takes the buffer's slice
+    // as its data (tch cannot assign a leaf's gradient directly).
+    tch::with_grad(|| {
+        let touch = leaves
+            .iter()
+            .map(|l| l.sum(Kind::Float) * 0.0)
+            .reduce(|a, b| a + b);
+        if let Some(touch) = touch {
+            touch.backward();
+        }
+    });
+    for (leaf, s) in leaves.iter().zip(specs) {
+        leaf.grad().set_data(&slice(&grad, s));
+    }
+    LeafSet { leaves, grad }
+}
+
+struct LeafSet {
+    leaves: Vec<Tensor>,
+    /// The flat gradient that the leaves' gradients view.
+    grad: Tensor,
+}
+
 pub struct ParamStore {
     /// Storage of every parameter; no autograd of its own.
     flat: Tensor,
-    /// One autograd leaf per parameter, viewing its slice of `flat`.
-    leaves: Vec<Tensor>,
+    /// Sets of autograd leaves over `flat`, one leaf per parameter. Set 0 is the one used by
+    /// default; threads that run backward passes over the same parameters at once each take
+    /// their own set, so that each accumulates into gradients that only it writes.
+    leaf_sets: Vec<LeafSet>,
     specs: Vec<ParamSpec>,
     device: Device,
 }
@@ -142,29 +172,43 @@ impl ParamStore {
 
     /// The parameters as autograd leaves.
     pub fn views(&self) -> ParamViews {
-        ParamViews(self.leaves.iter().map(|t| t.shallow_clone()).collect())
+        self.views_of(0)
     }
 
-    /// The accumulated gradient gathered into one flat tensor (zeros where none accumulated).
+    /// Leaf set `set` (see [`ParamStore::ensure_leaf_sets`]).
+    pub fn views_of(&self, set: usize) -> ParamViews {
+        ParamViews(
+            self.leaf_sets[set]
+                .leaves
+                .iter()
+                .map(|t| t.shallow_clone())
+                .collect(),
+        )
+    }
+
+    /// Makes sure that `n` sets of leaves exist.
+    pub fn ensure_leaf_sets(&mut self, n: usize) {
+        while self.leaf_sets.len() < n {
+            self.leaf_sets.push(leaves_over(&self.flat, &self.specs));
+        }
+    }
+
+    /// The gradient accumulated in every leaf set, summed in set order, as one flat tensor.
+    /// With a single set this is the live buffer itself (no copy): the next backward pass or
+    /// [`ParamStore::zero_grad`] changes it.
     pub fn grad(&self) -> Tensor {
-        let grads: Vec<Tensor> = self
-            .leaves
-            .iter()
-            .map(|leaf| {
-                let g = leaf.grad();
-                if g.defined() {
-                    g.view([-1])
-                } else {
-                    leaf.detach().zeros_like().view([-1])
-                }
-            })
-            .collect();
-        Tensor::cat(&grads, 0)
+        let mut sets = self.leaf_sets.iter();
+        let first = sets
+            .next()
+            .expect("leaf set 0 always exists")
+            .grad
+            .shallow_clone();
+        sets.fold(first, |sum, set| sum + &set.grad)
     }
 
     pub fn zero_grad(&mut self) {
-        for leaf in &mut self.leaves {
-            leaf.zero_grad();
+        for set in &mut self.leaf_sets {
+            let _ = set.grad.zero_();
         }
     }
 
@@ -198,5 +242,43 @@ impl std::ops::Index<ParamId> for ParamViews {
     type Output = Tensor;
     fn index(&self, id: ParamId) -> &Tensor {
         &self.0[id.0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two parameters, w = [1, 2] and b = [3], and the loss Σ c·w + d·b² on leaf set `set`.
+    fn backward_on(params: &ParamStore, set: usize, c: [f32; 2], d: f32) {
+        let p = params.views_of(set);
+        let loss = (&p[ParamId(0)] * Tensor::from_slice(&c)).sum(Kind::Float)
+            + (&p[ParamId(1)] * &p[ParamId(1)]).sum(Kind::Float) * d as f64;
+        loss.backward();
+    }
+
+    #[test]
+    fn backward_fills_the_flat_gradient_of_every_leaf_set() {
+        let mut b = ParamStoreBuilder::default();
+        let mut w = [1.0f32, 2.0].into_iter();
+        b.add("w", &[2], ParamGroup::Network, || w.next().unwrap());
+        b.add("b", &[1], ParamGroup::Network, || 3.0);
+        let mut params = b.build(Device::Cpu);
+        let read = |params: &ParamStore| Vec::<f32>::try_from(params.grad()).unwrap();
+        assert_eq!(read(&params), [0.0, 0.0, 0.0], "fresh gradients are zero");
+
+        backward_on(&params, 0, [0.5, -1.0], 1.0);
+        assert_eq!(read(&params), [0.5, -1.0, 6.0]);
+        backward_on(&params, 0, [1.0, 1.0], 0.0);
+        assert_eq!(read(&params), [1.5, 0.0, 6.0], "backward passes accumulate");
+
+        params.ensure_leaf_sets(2);
+        backward_on(&params, 1, [2.0, 4.0], 0.5);
+        assert_eq!(read(&params), [3.5, 4.0, 9.0], "the sets' gradients add up");
+
+        params.zero_grad();
+        assert_eq!(read(&params), [0.0, 0.0, 0.0]);
+        backward_on(&params, 1, [1.0, 0.0], 0.0);
+        assert_eq!(read(&params), [1.0, 0.0, 0.0], "every set was zeroed");
     }
 }

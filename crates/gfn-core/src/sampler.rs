@@ -3,9 +3,11 @@
 
 use crate::env::Environment;
 use crate::estimators::{Estimators, HostScratch};
+use crate::parallel::{map_on_pool, ReadOnly, ThreadPool};
 use crate::trajectories::Trajectories;
 use crate::unique::UniqueRows;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
@@ -176,6 +178,35 @@ pub fn sample_trajectories(
         logits.resize(out.numel(), 0.0);
         out.copy_data(logits, out.numel());
     })
+}
+
+/// [`sample_trajectories`] with the batch split into one share per thread of `pool`, each
+/// rolled out with its own RNG seeded from `rng`; the shares in order.
+pub fn sample_trajectories_parallel(
+    pool: &ThreadPool,
+    env: &dyn Environment,
+    estimators: &Estimators,
+    n: usize,
+    exploration: Exploration,
+    rng: &mut impl Rng,
+) -> Trajectories {
+    let threads = pool.threads().clamp(1, n.max(1));
+    let shares: Vec<(usize, ChaCha8Rng)> = (0..threads)
+        .map(|k| {
+            let count = n * (k + 1) / threads - n * k / threads;
+            (count, ChaCha8Rng::seed_from_u64(rng.gen()))
+        })
+        .collect();
+    // SAFETY: rollouts only read the parameters.
+    let shared = unsafe { ReadOnly::new(estimators) };
+    let parts = map_on_pool(pool, shares, |(count, mut rng)| {
+        sample_trajectories(env, shared.get(), count, exploration, &mut rng)
+    });
+    let mut batch = Trajectories::new(env.state_dim());
+    for part in &parts {
+        batch.extend(part);
+    }
+    batch
 }
 
 #[cfg(test)]

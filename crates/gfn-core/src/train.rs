@@ -5,10 +5,13 @@
 use crate::env::Environment;
 use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
 use crate::evaluation::{evaluate_policy, DistributionMetrics, ModeTracker};
-use crate::losses::{compute_loss, estimated_log_z, LossConfig};
+use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig};
 use crate::optim::{Adam, OptimizerConfig};
+use crate::parallel::{training_pool, with_intra_op_threads, ThreadPool};
 use crate::replay::{ReplayBuffer, ReplayPolicy};
-use crate::sampler::{sample_trajectories, EpsilonSchedule, Exploration};
+use crate::sampler::{
+    sample_trajectories, sample_trajectories_parallel, EpsilonSchedule, Exploration,
+};
 use crate::trajectories::Trajectories;
 use crate::truth::GroundTruth;
 use crate::{Error, Result};
@@ -37,6 +40,8 @@ pub struct TrainConfig {
     pub temperature: f64,
     pub replay: ReplayConfig,
     pub seed: u64,
+    /// CPU threads of this process; 0: every CPU it may run on.
+    pub threads: usize,
 }
 
 impl TrainConfig {
@@ -136,6 +141,11 @@ pub struct TrainState {
     pub trajectories: u64,
     pub truth: GroundTruth,
     pub modes: ModeTracker,
+    /// Helper threads for rollouts, the update and Adam (CPU, several threads, where
+    /// [`pool_pays`]); see [`crate::parallel`].
+    pool: Option<ThreadPool>,
+    /// The threads libtorch's own ops may use outside the update (evaluation).
+    threads: usize,
 }
 
 impl TrainState {
@@ -159,6 +169,26 @@ impl TrainState {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(stream + 1);
         let modes = ModeTracker::new(truth.n_states);
+        let threads = match config.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let replayed = match config.replay.capacity {
+            0 => 0,
+            _ => (config.replay.ratio * config.batch_size as f64).round() as usize,
+        };
+        let batch_trajectories = config.batch_size + replayed;
+        let pool_pays = device == Device::Cpu
+            && pool_pays(
+                &config.loss,
+                &estimators,
+                threads,
+                batch_trajectories,
+                env.max_trajectory_length(),
+            );
+        let pool = pool_pays.then(|| training_pool(threads)).flatten();
+        // Our threads take the cores during training; libtorch's would only compete with them.
+        tch::set_num_threads(if pool.is_some() { 1 } else { threads as i32 });
         Ok(TrainState {
             env,
             config,
@@ -170,6 +200,8 @@ impl TrainState {
             trajectories: 0,
             truth,
             modes,
+            pool,
+            threads,
         })
     }
 
@@ -185,14 +217,18 @@ impl TrainState {
             temperature: self.config.temperature,
         };
         let n = self.config.batch_size;
-        let batch = sample_trajectories(
-            self.env.as_ref(),
-            &self.estimators,
-            n,
-            exploration,
-            &mut self.rng,
-        );
         let env = self.env.as_ref();
+        let batch = match &self.pool {
+            Some(pool) => sample_trajectories_parallel(
+                pool,
+                env,
+                &self.estimators,
+                n,
+                exploration,
+                &mut self.rng,
+            ),
+            None => sample_trajectories(env, &self.estimators, n, exploration, &mut self.rng),
+        };
         let terminals = (0..batch.len()).map(|b| env.state_index(batch.terminal_state(b)));
         self.modes.observe(&self.truth, terminals);
         self.trajectories += n as u64;
@@ -224,21 +260,18 @@ impl TrainState {
         batch: &Trajectories,
         reducer: &mut dyn GradientReducer,
     ) -> Result<StepMetrics> {
-        let params = &mut self.estimators.params;
-        params.zero_grad();
-        let views = params.views();
-        let loss = compute_loss(
+        self.estimators.params.zero_grad();
+        let loss = loss_and_backward(
             &self.config.loss,
             self.env.as_ref(),
-            &self.estimators,
-            &views,
+            &mut self.estimators,
             batch,
+            self.pool.as_ref(),
         );
-        loss.backward();
-        drop(views);
         let mut grad = self.estimators.params.grad();
         reducer.reduce(&mut grad)?;
-        self.optimizer.step(&mut self.estimators.params, &grad);
+        self.optimizer
+            .step_on(&mut self.estimators.params, &grad, self.pool.as_ref());
         let metrics = StepMetrics {
             loss: loss.double_value(&[]),
             batch_trajectories: batch.len(),
@@ -271,13 +304,20 @@ impl TrainState {
     pub fn evaluate(&self, n_samples: usize) -> Result<Evaluation> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0x9E37_79B9_7F4A_7C15);
         rng.set_stream(self.step);
-        let distribution = evaluate_policy(
-            self.env.as_ref(),
-            &self.estimators,
-            &self.truth,
-            n_samples,
-            &mut rng,
-        )?;
+        let mut evaluate = || {
+            evaluate_policy(
+                self.env.as_ref(),
+                &self.estimators,
+                &self.truth,
+                n_samples,
+                &mut rng,
+            )
+        };
+        // Evaluation's large batches are libtorch's to split over the threads.
+        let distribution = match &self.pool {
+            Some(pool) => with_intra_op_threads(pool, self.threads, evaluate),
+            None => evaluate(),
+        }?;
         Ok(Evaluation {
             distribution,
             modes_found: self.modes.count(),

@@ -67,6 +67,15 @@ impl Trajectories {
         }
     }
 
+    /// Trajectories `range`, in order.
+    pub fn subset(&self, range: std::ops::Range<usize>) -> Trajectories {
+        let mut out = Trajectories::new(self.state_dim);
+        for b in range {
+            out.push_from(self, b);
+        }
+        out
+    }
+
     /// Index of the trajectory that each state belongs to.
     pub fn trajectory_of_states(&self) -> Vec<i64> {
         (0..self.len())

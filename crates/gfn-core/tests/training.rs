@@ -32,6 +32,7 @@ fn config(kind: LossKind) -> TrainConfig {
             ratio: 0.5,
         },
         seed: 0,
+        threads: 1,
     }
 }
 
@@ -71,9 +72,13 @@ fn tb_db_and_subtb_learn_the_2x8_grid() {
 
 #[test]
 fn tb_finds_all_16_modes_of_the_easy_4x8_grid() {
+    // Two threads: the split rollout and update (tests/parallel_training.rs) in a whole run.
     let state = train(
         HyperGridConfig::new(4, 8, RewardPreset::Easy),
-        config(LossKind::Tb),
+        TrainConfig {
+            threads: 2,
+            ..config(LossKind::Tb)
+        },
         800,
     );
     assert_eq!(state.truth.modes.len(), 16);

@@ -36,6 +36,7 @@ fn state(kind: LossKind, stream: u64) -> TrainState {
             ratio: 0.0,
         },
         seed: 3,
+        threads: 0,
     };
     let env = HyperGrid::new(HyperGridConfig::new(2, 6, RewardPreset::Standard)).unwrap();
     TrainState::new(Box::new(env), config, Device::Cpu, stream).unwrap()
