@@ -1,7 +1,8 @@
 //! Threads for one training process on the CPU. libtorch's own intra-op threads split each
 //! GEMM of this small model poorly (two threads buy ~15% on the update), so training instead
-//! hands whole, independent pieces of work to its own threads: trajectories to roll out, and
-//! networks that share no parameters to run forward and backward.
+//! hands whole, independent pieces of work to its own threads: trajectories to roll out,
+//! networks that share no parameters (or shares of the trajectories) to run forward and
+//! backward, and the optimizer's elements.
 //!
 //! A step hands work over several times, a few hundred microseconds apart. Helpers therefore
 //! spin for a while before they sleep, and the caller spins while it waits: a handoff costs a
@@ -9,6 +10,8 @@
 //! rayon's scopes).
 
 use std::any::Any;
+use std::cell::Cell;
+use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,8 +50,11 @@ struct Helper {
 }
 
 /// `threads - 1` helper threads; the thread that calls [`map_on_pool`] is the last one.
+/// Not `Sync`: each helper takes one job at a time, so only one thread may hand work out,
+/// and a job cannot reach the pool to hand out more.
 pub struct ThreadPool {
     helpers: Vec<Helper>,
+    not_sync: PhantomData<Cell<()>>,
 }
 
 /// A pool for `threads` threads, or `None` for one. Each helper keeps libtorch to one intra-op
@@ -56,6 +62,7 @@ pub struct ThreadPool {
 pub fn training_pool(threads: usize) -> Option<ThreadPool> {
     (threads > 1).then(|| ThreadPool {
         helpers: (1..threads).map(spawn_helper).collect(),
+        not_sync: PhantomData,
     })
 }
 
