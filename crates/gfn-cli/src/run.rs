@@ -8,6 +8,7 @@ use crate::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
 use gfn_core::checkpoint;
 use gfn_core::env::HyperGrid;
+use gfn_core::parallel;
 use gfn_core::train::{Evaluation, StepMetrics, TrainState};
 use gfn_ddp::comm::ReduceOp;
 use gfn_ddp::launch_env::RankInfo;
@@ -95,18 +96,10 @@ pub fn build_state(
 /// `train.threads`, with 0 resolved to this machine's CPUs shared among the ranks that the
 /// launcher runs on it (all ranks when it does not say), so that ranks never oversubscribe.
 pub fn threads_per_rank(threads: usize) -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let ranks_here = RankInfo::from_env()
         .ok()
         .map_or(1, |info| info.local_world_size.unwrap_or(info.world_size));
-    resolve_threads(threads, cpus, ranks_here)
-}
-
-fn resolve_threads(threads: usize, cpus: usize, ranks_here: usize) -> usize {
-    match threads {
-        0 => (cpus / ranks_here.max(1)).max(1),
-        n => n,
-    }
+    parallel::resolve_threads(threads, ranks_here)
 }
 
 pub fn prepare_out_dir(out: &Path) -> Result<()> {
@@ -394,23 +387,4 @@ pub fn summary_table(summary: &Summary) -> String {
         out += &format!("{k:<width$}  {v}\n");
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::resolve_threads;
-
-    #[test]
-    fn unset_threads_share_the_cpus_among_the_ranks_here() {
-        assert_eq!(resolve_threads(0, 2, 1), 2);
-        assert_eq!(resolve_threads(0, 2, 2), 1);
-        assert_eq!(resolve_threads(0, 16, 4), 4);
-        assert_eq!(resolve_threads(0, 2, 8), 1, "never below one");
-        assert_eq!(
-            resolve_threads(0, 4, 0),
-            4,
-            "a launcher saying 0 ranks counts as one"
-        );
-        assert_eq!(resolve_threads(3, 2, 2), 3, "a set value is kept");
-    }
 }

@@ -87,6 +87,17 @@ pub struct Wanted {
     pub log_flow: bool,
 }
 
+impl Wanted {
+    /// What either asks for.
+    fn or(self, other: Wanted) -> Wanted {
+        Wanted {
+            pf: self.pf || other.pf,
+            pb: self.pb || other.pb,
+            log_flow: self.log_flow || other.log_flow,
+        }
+    }
+}
+
 pub struct Estimators {
     config: EstimatorConfig,
     trunks: Vec<Vec<Linear>>,
@@ -277,24 +288,26 @@ impl Estimators {
             ..Default::default()
         };
         let mut groups = Vec::new();
-        if let Some(pb) = self.pb.as_ref().filter(|_| wanted.pb) {
-            if shares_pf_trunk(pb) {
-                first.pb = true;
-            } else {
-                groups.push(Wanted {
-                    pb: true,
-                    ..Default::default()
-                });
-            }
-        }
-        if let Some(flow) = self.log_flow.as_ref().filter(|_| wanted.log_flow) {
-            if shares_pf_trunk(flow) {
-                first.log_flow = true;
-            } else {
-                groups.push(Wanted {
-                    log_flow: true,
-                    ..Default::default()
-                });
+        let pb_only = Wanted {
+            pb: true,
+            ..Default::default()
+        };
+        let flow_only = Wanted {
+            log_flow: true,
+            ..Default::default()
+        };
+        let others = [
+            (self.pb.as_ref().filter(|_| wanted.pb), pb_only),
+            (
+                self.log_flow.as_ref().filter(|_| wanted.log_flow),
+                flow_only,
+            ),
+        ];
+        for (head, own) in others {
+            match head {
+                Some(head) if shares_pf_trunk(head) => first = first.or(own),
+                Some(_) => groups.push(own),
+                None => {}
             }
         }
         if first.pf || first.pb || first.log_flow {

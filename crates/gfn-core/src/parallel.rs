@@ -57,6 +57,20 @@ pub struct ThreadPool {
     not_sync: PhantomData<Cell<()>>,
 }
 
+/// `threads`, or for 0 the CPUs this process may run on shared among `ranks_here` processes
+/// on the machine (at least one).
+pub fn resolve_threads(threads: usize, ranks_here: usize) -> usize {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    share_cpus(threads, cpus, ranks_here)
+}
+
+fn share_cpus(threads: usize, cpus: usize, ranks_here: usize) -> usize {
+    match threads {
+        0 => (cpus / ranks_here.max(1)).max(1),
+        n => n,
+    }
+}
+
 /// A pool for `threads` threads, or `None` for one. Each helper keeps libtorch to one intra-op
 /// thread, so that several of them never oversubscribe the cores.
 pub fn training_pool(threads: usize) -> Option<ThreadPool> {
@@ -305,6 +319,20 @@ unsafe impl<T: ?Sized> Sync for ReadOnly<'_, T> {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unset_threads_share_the_cpus_among_the_ranks_here() {
+        assert_eq!(share_cpus(0, 2, 1), 2);
+        assert_eq!(share_cpus(0, 2, 2), 1);
+        assert_eq!(share_cpus(0, 16, 4), 4);
+        assert_eq!(share_cpus(0, 2, 8), 1, "never below one");
+        assert_eq!(
+            share_cpus(0, 4, 0),
+            4,
+            "a launcher saying 0 ranks counts as one"
+        );
+        assert_eq!(share_cpus(3, 2, 2), 3, "a set value is kept");
+    }
 
     #[test]
     fn results_keep_the_items_order() {

@@ -7,7 +7,7 @@ use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimator
 use crate::evaluation::{evaluate_policy, DistributionMetrics, ModeTracker};
 use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig};
 use crate::optim::{Adam, OptimizerConfig};
-use crate::parallel::{training_pool, with_intra_op_threads, ThreadPool};
+use crate::parallel::{resolve_threads, training_pool, with_intra_op_threads, ThreadPool};
 use crate::replay::{ReplayBuffer, ReplayPolicy};
 use crate::sampler::{
     sample_trajectories, sample_trajectories_parallel, EpsilonSchedule, Exploration,
@@ -27,6 +27,13 @@ pub struct ReplayConfig {
     pub policy: ReplayPolicy,
     /// Replayed trajectories added to each batch, as a fraction of the batch size.
     pub ratio: f64,
+}
+
+impl ReplayConfig {
+    /// Replayed trajectories to add to `fresh` fresh ones.
+    pub fn count(&self, fresh: usize) -> usize {
+        (self.ratio * fresh as f64).round() as usize
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -169,13 +176,10 @@ impl TrainState {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(stream + 1);
         let modes = ModeTracker::new(truth.n_states);
-        let threads = match config.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let threads = resolve_threads(config.threads, 1);
         let replayed = match config.replay.capacity {
             0 => 0,
-            _ => (config.replay.ratio * config.batch_size as f64).round() as usize,
+            _ => config.replay.count(config.batch_size),
         };
         let batch_trajectories = config.batch_size + replayed;
         let pool_pays = device == Device::Cpu
@@ -237,7 +241,7 @@ impl TrainState {
 
     /// Replayed trajectories to add to `fresh` fresh ones.
     pub fn replay_count(&self, fresh: usize) -> usize {
-        (self.config.replay.ratio * fresh as f64).round() as usize
+        self.config.replay.count(fresh)
     }
 
     /// A fresh batch, plus trajectories replayed from the local buffer when enabled. Returns

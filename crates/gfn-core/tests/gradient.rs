@@ -13,14 +13,7 @@ use tch::{Device, Tensor};
 #[test]
 fn loss_gradients_match_finite_differences() {
     let env = grid(2, 3, 0.1);
-    for kind in [
-        LossKind::Tb,
-        LossKind::Db,
-        LossKind::Subtb,
-        LossKind::Fm,
-        LossKind::Zvar,
-        LossKind::ModifiedDb,
-    ] {
+    for kind in LossKind::ALL {
         let config = EstimatorConfig {
             architecture: Architecture::Mlp {
                 hidden: 6,

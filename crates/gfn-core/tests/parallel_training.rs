@@ -79,18 +79,10 @@ fn split_backward_gives_the_one_thread_loss_and_gradients() {
         BackwardPolicy::Tied,
         BackwardPolicy::Uniform,
     ];
-    let kinds = [
-        LossKind::Tb,
-        LossKind::Db,
-        LossKind::Subtb,
-        LossKind::Fm,
-        LossKind::Zvar,
-        LossKind::ModifiedDb,
-    ];
     let mut split_cases = 0;
     for architecture in architectures {
         for backward in backwards {
-            for kind in kinds {
+            for kind in LossKind::ALL {
                 let mut est = estimators(&env, kind, architecture, backward);
                 let batch = sample_trajectories(
                     &env,

@@ -46,6 +46,14 @@ pub enum LossKind {
 
 impl LossKind {
     pub const NAMES: &'static str = "tb, db, subtb, fm, zvar, modified_db";
+    pub const ALL: [LossKind; 6] = [
+        LossKind::Tb,
+        LossKind::Db,
+        LossKind::Subtb,
+        LossKind::Fm,
+        LossKind::Zvar,
+        LossKind::ModifiedDb,
+    ];
 
     pub fn needs_log_flow(self) -> bool {
         matches!(self, LossKind::Db | LossKind::Subtb)
