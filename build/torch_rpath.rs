@@ -1,6 +1,7 @@
 //! Shared build script of every crate that links libtorch: embeds an rpath to the libtorch that
 //! tch was built against, so binaries and test executables run without LD_LIBRARY_PATH, and keeps
 //! libtorch_cuda linked (`--as-needed` would drop it, and CUDA would then look unavailable).
+//! A crate with more to build includes it as a module and calls its `main`.
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -21,7 +22,7 @@ fn torch_lib_dir() -> Option<PathBuf> {
         .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     println!("cargo:rerun-if-env-changed=PYTHON_SYS_EXECUTABLE");

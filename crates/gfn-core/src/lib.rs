@@ -10,6 +10,7 @@
 //! - [`host_mlp`]: the plain-Rust linear layer that CPU rollouts run their policy with.
 //! - [`unique`]: distinct states of a batch, so that networks run once per distinct state.
 //! - [`optim`], [`train`], [`checkpoint`]: the training state and its single `update`.
+//! - [`parallel`], [`subnormals`]: the CPU threads of a rank, and their float mode.
 
 pub mod checkpoint;
 pub mod env;
@@ -23,6 +24,7 @@ pub mod parallel;
 pub mod params;
 pub mod replay;
 pub mod sampler;
+pub mod subnormals;
 pub mod train;
 pub mod trajectories;
 pub mod truth;

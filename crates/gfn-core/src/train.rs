@@ -12,6 +12,7 @@ use crate::replay::{ReplayBuffer, ReplayPolicy};
 use crate::sampler::{
     sample_trajectories, sample_trajectories_parallel, EpsilonSchedule, Exploration,
 };
+use crate::subnormals::set_flush_on_this_thread;
 use crate::trajectories::Trajectories;
 use crate::truth::GroundTruth;
 use crate::{Error, Result};
@@ -101,18 +102,20 @@ impl TrainConfig {
     }
 }
 
-/// Called between backward and the optimizer step with the flat gradient, which it may modify
-/// in place (all-reduce and average across ranks).
+/// Called between backward and the optimizer step with the flat gradient: where data
+/// parallelism plugs in.
 pub trait GradientReducer {
-    fn reduce(&mut self, flat_grad: &mut Tensor) -> Result<()>;
+    /// Sums `flat_grad` over the ranks in place and returns how many ranks' gradients the sum
+    /// holds. The optimizer step takes their mean, folded into its own pass over the gradient.
+    fn reduce_sum(&mut self, flat_grad: &mut Tensor) -> Result<usize>;
 }
 
 /// Single rank: the gradient is used as it is.
 pub struct NoReduction;
 
 impl GradientReducer for NoReduction {
-    fn reduce(&mut self, _flat_grad: &mut Tensor) -> Result<()> {
-        Ok(())
+    fn reduce_sum(&mut self, _flat_grad: &mut Tensor) -> Result<usize> {
+        Ok(1)
     }
 }
 
@@ -156,7 +159,9 @@ pub struct TrainState {
 }
 
 impl TrainState {
-    /// `stream` separates the sampling randomness of ranks that share a seed.
+    /// `stream` separates the sampling randomness of ranks that share a seed. The calling
+    /// thread, which trains, flushes subnormal floats from here on, as do the helper threads
+    /// spawned for it ([`crate::subnormals`]).
     pub fn new(
         env: Box<dyn Environment>,
         config: TrainConfig,
@@ -164,6 +169,7 @@ impl TrainState {
         stream: u64,
     ) -> Result<Self> {
         config.validate()?;
+        set_flush_on_this_thread(true);
         let truth = GroundTruth::enumerate(env.as_ref())?;
         let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
         let estimators = Estimators::new(
@@ -273,9 +279,13 @@ impl TrainState {
             self.pool.as_ref(),
         );
         let mut grad = self.estimators.params.grad();
-        reducer.reduce(&mut grad)?;
-        self.optimizer
-            .step_on(&mut self.estimators.params, &grad, self.pool.as_ref());
+        let ranks = reducer.reduce_sum(&mut grad)?;
+        self.optimizer.step_on(
+            &mut self.estimators.params,
+            &grad,
+            ranks,
+            self.pool.as_ref(),
+        );
         let metrics = StepMetrics {
             loss: loss.double_value(&[]),
             batch_trajectories: batch.len(),
@@ -329,5 +339,52 @@ impl TrainState {
             log_z: estimated_log_z(self.config.loss.kind, self.env.as_ref(), &self.estimators),
             true_log_z: self.truth.log_z,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{HyperGrid, HyperGridConfig, RewardPreset};
+    use crate::losses::LossKind;
+    use crate::parallel::map_on_pool;
+    use crate::subnormals::flushed_on_this_thread;
+
+    #[test]
+    fn the_training_thread_and_its_helpers_flush_subnormals() {
+        std::thread::spawn(|| {
+            set_flush_on_this_thread(false);
+            let config = TrainConfig {
+                architecture: Architecture::Mlp {
+                    hidden: 16,
+                    layers: 2,
+                },
+                backward: BackwardPolicy::Learned,
+                loss: LossConfig::new(LossKind::Tb),
+                optimizer: OptimizerConfig::default(),
+                batch_size: 4,
+                epsilon: EpsilonSchedule {
+                    start: 0.0,
+                    end: 0.0,
+                    decay_steps: 0,
+                },
+                temperature: 1.0,
+                replay: ReplayConfig {
+                    capacity: 0,
+                    policy: ReplayPolicy::Uniform,
+                    ratio: 0.5,
+                },
+                seed: 0,
+                threads: 3,
+            };
+            let env = HyperGrid::new(HyperGridConfig::new(2, 4, RewardPreset::Standard)).unwrap();
+            let state = TrainState::new(Box::new(env), config, Device::Cpu, 0).unwrap();
+            assert!(flushed_on_this_thread());
+            let pool = state.pool.as_ref().expect("three threads on the CPU");
+            let flushed = map_on_pool(pool, vec![(); 3], |()| flushed_on_this_thread());
+            assert_eq!(flushed, [true; 3]);
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -152,7 +152,12 @@ fn adam_on_a_pool_gives_the_same_parameters() {
                 let grad: Vec<f32> = (0..est.params.len())
                     .map(|_| rng.gen_range(-1.0..1.0))
                     .collect();
-                adam.step_on(&mut est.params, &Tensor::from_slice(&grad), pool.as_ref());
+                adam.step_on(
+                    &mut est.params,
+                    &Tensor::from_slice(&grad),
+                    1,
+                    pool.as_ref(),
+                );
             }
             results.push(est.params.to_vec());
         }

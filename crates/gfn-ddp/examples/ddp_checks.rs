@@ -1,6 +1,7 @@
 //! Run under `mpirun -np 2` (the `mpi_ddp` test does): checks that a 2-rank data-parallel step
 //! equals a 1-rank step on the union of both ranks' trajectories, and that parameters stay
-//! bitwise identical across ranks over further steps.
+//! bitwise identical across ranks over further steps; first, that the all-reduce sums and
+//! averages exactly.
 
 use gfn_core::env::{HyperGrid, HyperGridConfig, RewardPreset};
 use gfn_core::estimators::{Architecture, BackwardPolicy};
@@ -9,10 +10,11 @@ use gfn_core::optim::OptimizerConfig;
 use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
 use gfn_core::train::{NoReduction, ReplayConfig, TrainConfig, TrainState};
+use gfn_ddp::comm::ReduceOp;
 use gfn_ddp::reducer::AllReduceGradients;
 use gfn_ddp::world::{Backend, World};
 use std::time::Duration;
-use tch::Device;
+use tch::{Device, Tensor};
 
 fn state(kind: LossKind, stream: u64) -> TrainState {
     let config = TrainConfig {
@@ -47,6 +49,18 @@ fn main() {
         .expect("joining the MPI job");
     let (rank, size) = (world.rank(), world.world_size());
     assert_eq!(size, 2, "run under mpirun -np 2");
+    // The collectives themselves, in place over a gradient-sized buffer: rank r holds
+    // (i mod 7)(r + 1), so the sum is 3 (i mod 7) and the average 1.5 (i mod 7), exactly.
+    let pattern: Vec<f32> = (0..150_000).map(|i| (i % 7) as f32).collect();
+    for (op, factor) in [(ReduceOp::Sum, 3.0), (ReduceOp::Average, 1.5)] {
+        let mut buffer = Tensor::from_slice(&pattern) * (rank as f64 + 1.0);
+        world.comm.all_reduce(&mut buffer, op).unwrap();
+        let expected = Tensor::from_slice(&pattern) * factor;
+        assert!(
+            buffer.equal(&expected),
+            "{op:?} all-reduce is wrong on rank {rank}"
+        );
+    }
     // TB and SubTB (geometric_within) average over trajectories, so the mean of two ranks' losses
     // is the loss on the union. DB averages over transitions, whose count differs per rank: there
     // the union step is not the averaged step, by design (as in torchgfn's DDP).

@@ -1,4 +1,5 @@
-//! The data-parallel gradient hook: one all-reduce of the flat gradient, averaged over ranks.
+//! The data-parallel gradient hook: one all-reduce (sum) of the flat gradient; the optimizer
+//! step averages it.
 
 use crate::comm::{Communicator, ReduceOp};
 use gfn_core::train::GradientReducer;
@@ -27,7 +28,7 @@ impl<'a> AllReduceGradients<'a> {
 }
 
 impl GradientReducer for AllReduceGradients<'_> {
-    fn reduce(&mut self, flat_grad: &mut Tensor) -> gfn_core::Result<()> {
+    fn reduce_sum(&mut self, flat_grad: &mut Tensor) -> gfn_core::Result<usize> {
         let collective = |e: crate::DdpError| gfn_core::Error::Collective(e.to_string());
         if self.comm.world_size() > 1 {
             let start = Instant::now();
@@ -36,9 +37,9 @@ impl GradientReducer for AllReduceGradients<'_> {
         }
         let start = Instant::now();
         self.comm
-            .all_reduce(flat_grad, ReduceOp::Average)
+            .all_reduce(flat_grad, ReduceOp::Sum)
             .map_err(collective)?;
         self.elapsed += start.elapsed();
-        Ok(())
+        Ok(self.comm.world_size())
     }
 }

@@ -3,10 +3,12 @@
 use crate::comm::{Communicator, ReduceOp};
 use crate::watchdog::Watchdog;
 use crate::{DdpError, Result};
-use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
+use mpi::ffi;
+use mpi::raw::AsRaw;
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
+use std::ffi::{c_int, c_void};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
@@ -67,18 +69,49 @@ impl MpiWorld {
         } else {
             Color::undefined()
         };
-        world.split_by_color(color).map(|comm| MpiCommunicator {
-            comm,
-            send: Vec::new(),
-        })
+        world
+            .split_by_color(color)
+            .map(|comm| MpiCommunicator { comm })
     }
 }
 
 pub struct MpiCommunicator {
     comm: SimpleCommunicator,
-    /// The all-reduce's send copy, kept between steps (rsmpi offers no portable in-place
-    /// reduction), so that a step does not allocate and fault in a gradient-sized buffer.
-    send: Vec<f32>,
+}
+
+extern "C" {
+    /// `MPI_IN_PLACE` of the MPI library linked (see build.rs).
+    static gfn_mpi_in_place: *mut c_void;
+}
+
+/// Sums `data` over the ranks of `comm` into `data` itself: no send copy to make and stream
+/// through (rsmpi's `all_reduce_into` needs separate buffers).
+fn all_reduce_sum_in_place(comm: &SimpleCommunicator, data: &mut [f32]) -> Result<()> {
+    let count = c_int::try_from(data.len()).map_err(|_| DdpError::Backend {
+        backend: "mpi",
+        reason: format!("{} elements exceed one MPI all-reduce's count", data.len()),
+    })?;
+    // SAFETY: `data` is a live, exclusively borrowed buffer of `count` f32 values, which is
+    // what MPI reads and writes here; the datatype, operation and communicator handles are
+    // valid for the lifetime of the MPI world that `comm` belongs to.
+    let code = unsafe {
+        ffi::MPI_Allreduce(
+            gfn_mpi_in_place,
+            data.as_mut_ptr().cast(),
+            count,
+            ffi::RSMPI_FLOAT,
+            ffi::RSMPI_SUM,
+            comm.as_raw(),
+        )
+    };
+    if code == ffi::MPI_SUCCESS as c_int {
+        Ok(())
+    } else {
+        Err(DdpError::Backend {
+            backend: "mpi",
+            reason: format!("MPI_Allreduce failed with error code {code}"),
+        })
+    }
 }
 
 /// Runs `f` on the tensor's f32 data in host memory, copying back if it lives elsewhere.
@@ -119,15 +152,15 @@ impl Communicator for MpiCommunicator {
 
     fn all_reduce(&mut self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
         let inverse_world = 1.0 / self.world_size() as f32;
-        let (comm, send) = (&self.comm, &mut self.send);
+        let comm = &self.comm;
         with_host_slice(buffer, |data| {
-            send.clear();
-            send.extend_from_slice(data);
-            comm.all_reduce_into(&send[..], data, SystemOperation::sum());
+            // Averaged before the sum, while the buffer is still in this core's cache from
+            // the backward pass (exactly the same values for power-of-two world sizes).
             if op == ReduceOp::Average {
                 data.iter_mut().for_each(|x| *x *= inverse_world);
             }
-        })
+            all_reduce_sum_in_place(comm, data)
+        })?
     }
 
     fn broadcast(&mut self, buffer: &mut Tensor, root: usize) -> Result<()> {
