@@ -3,7 +3,8 @@
 //!
 //! A rollout asks the policy for a few to a few dozen distinct states at every step. At that
 //! size libtorch spends most of a call in operator dispatch, MKL's GEMM set-up and hand-offs to
-//! its second thread. Here, with no allocation:
+//! its second thread. Here, with no allocation (except the portable loop's transposed copy of
+//! a narrow head's columns):
 //! - inputs that are mostly zeros (K-hot encodings) take a sparse path: one weight row added
 //!   per nonzero input;
 //! - dense inputs run an 8 × 32 register tile of AVX-512 fused multiply-adds where the CPU has

@@ -2,7 +2,7 @@
 //! Written here rather than taken from libtorch so that its state (moments, step) can be
 //! checkpointed and restored exactly.
 
-use crate::parallel::{map_on_pool, ThreadPool};
+use crate::parallel::{even_shares, map_on_pool, ThreadPool};
 use crate::params::{ParamGroup, ParamStore};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -218,16 +218,13 @@ impl Adam {
             })
             .collect();
         let threads = pool.map_or(1, ThreadPool::threads);
-        // Thread k updates elements n·k/threads .. n·(k+1)/threads.
+        // Each thread updates its own contiguous share of the elements.
         let mut rest = AdamBuffers { p, g, m, v };
         let mut shares = Vec::with_capacity(threads);
-        let mut start = 0;
-        for k in 0..threads {
-            let end = n * (k + 1) / threads;
-            let (share, tail) = rest.split_at(end - start);
-            shares.push((start, share));
+        for range in even_shares(n, threads) {
+            let (share, tail) = rest.split_at(range.len());
+            shares.push((range.start, share));
             rest = tail;
-            start = end;
         }
         let update_share = |(start, mut share): (usize, AdamBuffers)| {
             let end = start + share.p.len();

@@ -283,6 +283,12 @@ where
         .collect()
 }
 
+/// `0..n` cut into `parts` consecutive ranges whose lengths differ by at most one: part `k` is
+/// `n·k/parts .. n·(k+1)/parts`.
+pub fn even_shares(n: usize, parts: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..parts).map(move |k| n * k / parts..n * (k + 1) / parts)
+}
+
 /// Runs `work` with libtorch's intra-op threads at `threads` and the pool's helpers asleep, for
 /// work made of large tensor ops on the calling thread; back to one intra-op thread after.
 pub fn with_intra_op_threads<R>(pool: &ThreadPool, threads: usize, work: impl FnOnce() -> R) -> R {
@@ -319,6 +325,15 @@ unsafe impl<T: ?Sized> Sync for ReadOnly<'_, T> {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn even_shares_cover_the_range_in_order() {
+        let shares = |n, parts| even_shares(n, parts).collect::<Vec<_>>();
+        assert_eq!(shares(7, 3), [0..2, 2..4, 4..7]);
+        assert_eq!(shares(4, 2), [0..2, 2..4]);
+        assert_eq!(shares(1, 3), [0..0, 0..0, 0..1]);
+        assert_eq!(shares(5, 0), []);
+    }
 
     #[test]
     fn unset_threads_share_the_cpus_among_the_ranks_here() {

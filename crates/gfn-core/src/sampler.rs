@@ -3,7 +3,7 @@
 
 use crate::env::Environment;
 use crate::estimators::{Estimators, HostScratch};
-use crate::parallel::{map_on_pool, ReadOnly, ThreadPool};
+use crate::parallel::{even_shares, map_on_pool, ReadOnly, ThreadPool};
 use crate::trajectories::Trajectories;
 use crate::unique::UniqueRows;
 use rand::{Rng, SeedableRng};
@@ -191,11 +191,8 @@ pub fn sample_trajectories_parallel(
     rng: &mut impl Rng,
 ) -> Trajectories {
     let threads = pool.threads().clamp(1, n.max(1));
-    let shares: Vec<(usize, ChaCha8Rng)> = (0..threads)
-        .map(|k| {
-            let count = n * (k + 1) / threads - n * k / threads;
-            (count, ChaCha8Rng::seed_from_u64(rng.gen()))
-        })
+    let shares: Vec<(usize, ChaCha8Rng)> = even_shares(n, threads)
+        .map(|share| (share.len(), ChaCha8Rng::seed_from_u64(rng.gen())))
         .collect();
     // SAFETY: rollouts only read the parameters.
     let shared = unsafe { ReadOnly::new(estimators) };

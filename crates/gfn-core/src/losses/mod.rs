@@ -19,7 +19,7 @@ pub use zvar::log_partition_variance;
 
 use crate::env::Environment;
 use crate::estimators::{additive_mask, masked_log_softmax, Estimators, Wanted};
-use crate::parallel::{map_on_pool, ReadOnly, ThreadPool};
+use crate::parallel::{even_shares, map_on_pool, ReadOnly, ThreadPool};
 use crate::params::ParamViews;
 use crate::trajectories::Trajectories;
 use crate::unique::UniqueRows;
@@ -500,8 +500,7 @@ pub fn loss_and_backward(
             )
         }),
         Split::Rows(shares) => {
-            let n = batch.len();
-            let ranges = (0..*shares).map(|k| (k, n * k / shares..n * (k + 1) / shares));
+            let ranges = even_shares(batch.len(), *shares).enumerate();
             map_on_pool(pool, ranges.collect(), |(set, range)| {
                 let estimators = shared_estimators.get();
                 let share = prepare(env, estimators, &batch.subset(range), clip);
