@@ -1,30 +1,55 @@
 #!/usr/bin/env bash
 # Data-parallel scaling on this machine: the same per-rank batch with 1 and 2 MPI ranks, one
-# libtorch thread per rank. Prints steps/s, trajectories/s, scaling efficiency and the all-reduce
-# time per step. Usage: launch/bench-ddp.sh [STEPS] [extra gfn args]   (default 2000 steps)
+# libtorch thread per rank. The two run alternately REPEATS times (a VM's speed drifts by a few
+# percent between runs) and the table gives medians and ranges: steps/s, trajectories/s, the
+# gradient collectives' time per step, the wait for the slowest rank, and the scaling of each
+# 1-rank/2-rank pair. Usage: launch/bench-ddp.sh [STEPS [REPEATS]] [extra gfn args]
+# (default 2000 steps, 3 repeats)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-steps="${1:-2000}"; shift || true
+number='^[0-9]+$'
+steps=2000; repeats=3
+if [[ "${1:-}" =~ $number ]]; then steps="$1"; shift; fi
+if [[ "${1:-}" =~ $number ]]; then repeats="$1"; shift; fi
 source launch/setup.sh
 cargo build --release --locked --quiet --bin gfn
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 common=(train --set "train.steps=$steps" --set train.validate_every=0 --set train.checkpoint_every=0
         --set train.eval_samples=1000 --set train.threads=1 --device cpu "$@")
-for ranks in 1 2; do
-  mpirun --allow-run-as-root --oversubscribe --bind-to core -np "$ranks" -x OMP_NUM_THREADS=1 \
-    target/release/gfn "${common[@]}" --out "$out/r$ranks" >/dev/null 2>&1
+for repeat in $(seq "$repeats"); do
+  for ranks in 1 2; do
+    echo "repeat $repeat/$repeats: $ranks rank(s), $steps steps" >&2
+    mpirun --allow-run-as-root --oversubscribe --bind-to core -np "$ranks" -x OMP_NUM_THREADS=1 \
+      target/release/gfn "${common[@]}" --out "$out/r$ranks-$repeat" >/dev/null 2>&1
+  done
 done
-python3 - "$out" <<'PY'
-import json, sys
-s = {r: json.load(open(f"{sys.argv[1]}/r{r}/summary.json")) for r in (1, 2)}
-traj = {r: s[r]["trajectories"] / s[r]["steps"] * s[r]["steps_per_s"] for r in (1, 2)}
-print("| ranks | steps/s | trajectories/s | all-reduce ms/step | all-reduce share of a step | waiting for the slowest rank, ms/step (share) |")
-print("|---:|---:|---:|---:|---:|---:|")
+python3 - "$out" "$repeats" <<'PY'
+import json, statistics, sys
+out, repeats = sys.argv[1], int(sys.argv[2])
+runs = {r: [json.load(open(f"{out}/r{r}-{k}/summary.json")) for k in range(1, repeats + 1)] for r in (1, 2)}
+def traj(s):
+    return s["trajectories"] / s["steps"] * s["steps_per_s"]
+def spread(values, fmt):
+    values = sorted(values)
+    median = statistics.median(values)
+    if format(values[0], fmt) == format(values[-1], fmt):
+        return format(median, fmt)
+    return f"{median:{fmt}} ({values[0]:{fmt}}–{values[-1]:{fmt}})"
+print(f"medians (ranges) over {repeats} alternating runs each")
+print()
+print("| ranks | steps/s | trajectories/s | all-reduce ms/step | share of a step | waiting for the slowest rank, ms/step | share of a step |")
+print("|---:|---:|---:|---:|---:|---:|---:|")
 for r in (1, 2):
-    step_ms = 1e3 / s[r]["steps_per_s"]
-    reduce_ms, wait_ms = s[r]["all_reduce_ms_per_step"], s[r]["rank_wait_ms_per_step"]
-    print(f"| {r} | {s[r]['steps_per_s']:.1f} | {traj[r]:.0f} | {reduce_ms:.3f} | {100 * reduce_ms / step_ms:.1f}% | {wait_ms:.3f} ({100 * wait_ms / step_ms:.1f}%) |")
-print(f"\n2 ranks: {traj[2] / traj[1]:.2f}x the trajectories/s of 1 (scaling efficiency {50 * traj[2] / traj[1]:.0f}%)")
+    rs = runs[r]
+    reduce = [s["all_reduce_ms_per_step"] for s in rs]
+    wait = [s["rank_wait_ms_per_step"] for s in rs]
+    step_ms = [1e3 / s["steps_per_s"] for s in rs]
+    print(f"| {r} | {spread([s['steps_per_s'] for s in rs], '.1f')} | {spread([traj(s) for s in rs], '.0f')} "
+          f"| {spread(reduce, '.3f')} | {spread([100 * a / b for a, b in zip(reduce, step_ms)], '.1f')} % "
+          f"| {spread(wait, '.3f')} | {spread([100 * a / b for a, b in zip(wait, step_ms)], '.1f')} % |")
+ratios = [traj(b) / traj(a) for a, b in zip(runs[1], runs[2])]
+print(f"\n2 ranks: {spread(ratios, '.2f')}x the trajectories/s of 1, pair by pair "
+      f"(scaling efficiency {50 * statistics.median(ratios):.0f}%)")
 PY

@@ -76,6 +76,9 @@ pub struct DdpSection {
     pub backend: String,
     /// Seconds any rank waits for the others (rendezvous, start-up) before giving up.
     pub timeout_s: u64,
+    /// MPI backend: all-reduce through shared memory when every training rank is on one node
+    /// (false: always MPI_Allreduce).
+    pub shared_memory: bool,
 }
 
 impl Default for DdpSection {
@@ -83,6 +86,7 @@ impl Default for DdpSection {
         DdpSection {
             backend: "auto".into(),
             timeout_s: 300,
+            shared_memory: true,
         }
     }
 }

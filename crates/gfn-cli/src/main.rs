@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use config::Config;
 use gfn_ddp::launch_env::RankInfo;
-use gfn_ddp::world::World;
+use gfn_ddp::world::{JoinOptions, World};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -188,12 +188,13 @@ fn train(args: TrainArgs) -> Result<()> {
     config.train.threads = run::threads_per_rank(config.train.threads);
     let backend = config.backend()?;
     let mut announcer = remote::Announcer { server: None };
-    let mut world = World::join(
+    let options = JoinOptions {
         backend,
-        Duration::from_secs(config.ddp.timeout_s),
-        config.buffer.num_remote,
-        |placement| announcer.announce(placement),
-    )?;
+        timeout: Duration::from_secs(config.ddp.timeout_s),
+        buffer_ranks: config.buffer.num_remote,
+        shared_memory: config.ddp.shared_memory,
+    };
+    let mut world = World::join(options, |placement| announcer.announce(placement))?;
     if let Some(server) = announcer.server.take() {
         return remote::serve(&world, server, &config);
     }

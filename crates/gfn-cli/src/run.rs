@@ -276,8 +276,12 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
                 )?;
             }
         }
-        if root && (due(config.train.checkpoint_every, state.step) || state.step == total) {
-            checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
+        if due(config.train.checkpoint_every, state.step) || state.step == total {
+            // Ranks that shared the update out hold current moments for their share only.
+            state.gather_optimizer_state(&mut AllReduceGradients::new(world.comm.as_mut()))?;
+            if root {
+                checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
+            }
         }
         if let Some(p) = progress.as_mut() {
             p.step(

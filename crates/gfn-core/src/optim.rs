@@ -6,7 +6,28 @@ use crate::parallel::{even_shares, map_on_pool, ThreadPool};
 use crate::params::{ParamGroup, ParamStore};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use tch::{Device, Kind, Tensor};
+
+/// What an optimizer step takes from the data-parallel reduction of the gradient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReducedGradient {
+    /// Ranks whose gradients the sum holds (the step uses their mean).
+    pub ranks: usize,
+    /// The elements this rank updates: all of them, unless the ranks share the update out
+    /// (each then updates its share and hands it to the others).
+    pub share: Range<usize>,
+}
+
+impl ReducedGradient {
+    /// One rank's gradient, all of whose `len` elements it updates.
+    pub fn whole(len: usize) -> Self {
+        ReducedGradient {
+            ranks: 1,
+            share: 0..len,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -119,25 +140,39 @@ impl Adam {
 
     /// One update of `params` from the flat gradient `grad`.
     pub fn step(&mut self, params: &mut ParamStore, grad: &Tensor) {
-        self.step_on(params, grad, 1, None)
+        self.step_on(params, grad, &ReducedGradient::whole(params.len()), None)
     }
 
-    /// One update from `grad_sum`, the sum of `ranks` data-parallel ranks' gradients, whose
-    /// mean it uses; spread over `pool`'s threads on the CPU.
+    /// One update from `grad_sum`, the sum of `reduced.ranks` data-parallel ranks' gradients,
+    /// whose mean it uses, of the elements in `reduced.share` (parameters and moments; the
+    /// rest are left as they are); spread over `pool`'s threads on the CPU.
     pub fn step_on(
         &mut self,
         params: &mut ParamStore,
         grad_sum: &Tensor,
-        ranks: usize,
+        reduced: &ReducedGradient,
         pool: Option<&ThreadPool>,
     ) {
+        assert!(
+            reduced.share.end <= params.len(),
+            "share {:?} of {} parameters",
+            reduced.share,
+            params.len()
+        );
         self.steps += 1;
-        let grad_scale = 1.0 / ranks.max(1) as f64;
+        let grad_scale = 1.0 / reduced.ranks.max(1) as f64;
+        let share = reduced.share.clone();
         if params.device() == Device::Cpu {
-            self.step_fused_cpu(params, grad_sum, grad_scale, pool);
+            self.step_fused_cpu(params, grad_sum, grad_scale, share, pool);
         } else {
-            self.step_tensor_ops(params, grad_sum, grad_scale);
+            self.step_tensor_ops(params, grad_sum, grad_scale, share);
         }
+    }
+
+    /// The first and second moments, whose shares a sharded data-parallel update leaves stale
+    /// on the ranks that did not update them (see [`crate::train::GradientReducer`]).
+    pub fn moments_mut(&mut self) -> [&mut Tensor; 2] {
+        [&mut self.exp_avg, &mut self.exp_avg_sq]
     }
 
     fn bias_corrections(&self) -> (f64, f64) {
@@ -148,28 +183,39 @@ impl Adam {
         )
     }
 
-    /// Device-agnostic update in a dozen tensor ops.
-    fn step_tensor_ops(&mut self, params: &mut ParamStore, grad_sum: &Tensor, grad_scale: f64) {
+    /// Device-agnostic update in a dozen tensor ops, on views of `share`.
+    fn step_tensor_ops(
+        &mut self,
+        params: &mut ParamStore,
+        grad_sum: &Tensor,
+        grad_scale: f64,
+        share: Range<usize>,
+    ) {
         let c = self.config;
         let (bias1, bias2) = self.bias_corrections();
+        let of = |t: &Tensor| t.narrow(0, share.start as i64, share.len() as i64);
         tch::no_grad(|| {
-            let mut p = params.flat().shallow_clone();
-            let mut grad = if grad_scale == 1.0 {
-                grad_sum.shallow_clone()
+            let mut p = of(params.flat());
+            let (mut exp_avg, mut exp_avg_sq) = (of(&self.exp_avg), of(&self.exp_avg_sq));
+            let (lr, weight_decay) = (of(&self.lr), of(&self.weight_decay));
+            let grad = if grad_scale == 1.0 {
+                of(grad_sum)
             } else {
-                grad_sum * grad_scale
+                of(grad_sum) * grad_scale
             };
-            match c.kind {
-                OptimizerKind::Adam if c.weight_decay > 0.0 => grad += &p * &self.weight_decay,
+            // Out of place: `grad` may still be the caller's gradient.
+            let grad = match c.kind {
+                OptimizerKind::Adam if c.weight_decay > 0.0 => grad + &p * &weight_decay,
                 OptimizerKind::AdamW if c.weight_decay > 0.0 => {
-                    let _ = p.g_mul_(&(1.0 - &self.lr * &self.weight_decay));
+                    let _ = p.g_mul_(&(1.0 - &lr * &weight_decay));
+                    grad
                 }
-                _ => {}
-            }
-            let _ = self.exp_avg.lerp_(&grad, 1.0 - c.beta1);
-            let _ = self.exp_avg_sq.lerp_(&grad.square(), 1.0 - c.beta2);
-            let denom = (self.exp_avg_sq.sqrt() / bias2.sqrt()) + c.eps;
-            let _ = p.g_sub_(&(&self.exp_avg / denom * &self.lr / bias1));
+                _ => grad,
+            };
+            let _ = exp_avg.lerp_(&grad, 1.0 - c.beta1);
+            let _ = exp_avg_sq.lerp_(&grad.square(), 1.0 - c.beta2);
+            let denom = (exp_avg_sq.sqrt() / bias2.sqrt()) + c.eps;
+            let _ = p.g_sub_(&(&exp_avg / denom * &lr / bias1));
         });
     }
 
@@ -181,6 +227,7 @@ impl Adam {
         params: &mut ParamStore,
         grad_sum: &Tensor,
         grad_scale: f64,
+        share: Range<usize>,
         pool: Option<&ThreadPool>,
     ) {
         let c = self.config;
@@ -218,12 +265,12 @@ impl Adam {
             })
             .collect();
         let threads = pool.map_or(1, ThreadPool::threads);
-        // Each thread updates its own contiguous share of the elements.
-        let mut rest = AdamBuffers { p, g, m, v };
+        // Each thread updates its own contiguous part of the share.
+        let (_, mut rest) = AdamBuffers { p, g, m, v }.split_at(share.start);
         let mut shares = Vec::with_capacity(threads);
-        for range in even_shares(n, threads) {
-            let (share, tail) = rest.split_at(range.len());
-            shares.push((range.start, share));
+        for range in even_shares(share.len(), threads) {
+            let (part, tail) = rest.split_at(range.len());
+            shares.push((share.start + range.start, part));
             rest = tail;
         }
         let update_share = |(start, mut share): (usize, AdamBuffers)| {
@@ -396,13 +443,87 @@ mod tests {
                 ] {
                     adam.steps += 1;
                     if fused {
-                        adam.step_fused_cpu(params, &g, scale, None)
+                        adam.step_fused_cpu(params, &g, scale, 0..300, None)
                     } else {
-                        adam.step_tensor_ops(params, &g, scale)
+                        adam.step_tensor_ops(params, &g, scale, 0..300)
                     }
                 }
             }
             assert_eq!(one.to_vec(), four.to_vec(), "fused={fused}");
+        }
+    }
+
+    /// A sharded data-parallel update: two ranks each step their own share of the elements
+    /// (uneven, cutting through a parameter) and copy the other's share of the parameters after
+    /// every step, as the all-gather does; parameters and (gathered) moments end bitwise equal
+    /// to whole updates, on both paths and for both kinds.
+    #[test]
+    fn updating_shares_and_exchanging_them_is_the_whole_update() {
+        let build = || {
+            let mut b = ParamStoreBuilder::default();
+            let mut k = 0;
+            let mut next = || {
+                k += 1;
+                (k as f32 * 0.618_034).fract() - 0.5
+            };
+            b.add("w", &[200], ParamGroup::Network, &mut next);
+            b.add("log_z", &[1], ParamGroup::LogZ, &mut next);
+            b.add("b", &[99], ParamGroup::Network, &mut next);
+            b.build(Device::Cpu)
+        };
+        let grads: Vec<Tensor> = (0..4)
+            .map(|t| {
+                Tensor::from_slice(
+                    &(0..300)
+                        .map(|i| ((i * 7 + t * 13) as f32 * 0.37).sin())
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let step = |adam: &mut Adam, params: &mut ParamStore, g: &Tensor, share, fused| {
+            adam.steps += 1;
+            match fused {
+                true => adam.step_fused_cpu(params, g, 1.0, share, None),
+                false => adam.step_tensor_ops(params, g, 1.0, share),
+            }
+        };
+        let copy_share = |from: &Tensor, to: &Tensor, share: Range<usize>| {
+            let of = |t: &Tensor| t.narrow(0, share.start as i64, share.len() as i64);
+            tch::no_grad(|| of(to).copy_(&of(from)));
+        };
+        for kind in [OptimizerKind::Adam, OptimizerKind::AdamW] {
+            let config = OptimizerConfig {
+                kind,
+                ..OptimizerConfig::default()
+            };
+            for fused in [true, false] {
+                let mut whole = build();
+                let mut adam = Adam::new(&whole, config);
+                let mut ranks: Vec<(ParamStore, Adam)> = (0..2)
+                    .map(|_| {
+                        let params = build();
+                        let adam = Adam::new(&params, config);
+                        (params, adam)
+                    })
+                    .collect();
+                let shares = [0..130, 130..300];
+                for g in &grads {
+                    step(&mut adam, &mut whole, g, 0..300, fused);
+                    for ((params, adam), share) in ranks.iter_mut().zip(&shares) {
+                        step(adam, params, g, share.clone(), fused);
+                    }
+                    let (first, second) = ranks.split_at_mut(1);
+                    copy_share(second[0].0.flat(), first[0].0.flat(), shares[1].clone());
+                    copy_share(first[0].0.flat(), second[0].0.flat(), shares[0].clone());
+                }
+                for (r, (params, rank_adam)) in ranks.iter().enumerate() {
+                    assert_eq!(params.to_vec(), whole.to_vec(), "{kind:?} fused={fused}");
+                    let own = shares[r].clone();
+                    let of = |t: &Tensor| t.narrow(0, own.start as i64, own.len() as i64);
+                    assert!(of(&rank_adam.exp_avg).equal(&of(&adam.exp_avg)));
+                    assert!(of(&rank_adam.exp_avg_sq).equal(&of(&adam.exp_avg_sq)));
+                }
+            }
         }
     }
 
@@ -467,9 +588,9 @@ mod tests {
                     let grad = params.grad();
                     adam.steps += 1;
                     if fused {
-                        adam.step_fused_cpu(&mut params, &grad, 1.0, None)
+                        adam.step_fused_cpu(&mut params, &grad, 1.0, 0..2, None)
                     } else {
-                        adam.step_tensor_ops(&mut params, &grad, 1.0)
+                        adam.step_tensor_ops(&mut params, &grad, 1.0, 0..2)
                     }
                 }
                 let got = params.to_vec();

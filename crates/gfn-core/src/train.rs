@@ -6,7 +6,7 @@ use crate::env::Environment;
 use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
 use crate::evaluation::{evaluate_policy, DistributionMetrics, ModeTracker};
 use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig};
-use crate::optim::{Adam, OptimizerConfig};
+use crate::optim::{Adam, OptimizerConfig, ReducedGradient};
 use crate::parallel::{resolve_threads, training_pool, with_intra_op_threads, ThreadPool};
 use crate::replay::{ReplayBuffer, ReplayPolicy};
 use crate::sampler::{
@@ -103,19 +103,29 @@ impl TrainConfig {
 }
 
 /// Called between backward and the optimizer step with the flat gradient: where data
-/// parallelism plugs in.
+/// parallelism plugs in. The ranks may share the update out (as ZeRO stage 1 does): each sums
+/// and steps only its share of the elements, then hands its share of the parameters to the
+/// others; each rank's optimizer moments are then current on its share only.
 pub trait GradientReducer {
-    /// Sums `flat_grad` over the ranks in place and returns how many ranks' gradients the sum
-    /// holds. The optimizer step takes their mean, folded into its own pass over the gradient.
-    fn reduce_sum(&mut self, flat_grad: &mut Tensor) -> Result<usize>;
+    /// Sums `flat_grad` over the ranks in place, at least over the share of the elements
+    /// that this rank updates, and says which share that is and how many ranks' gradients the
+    /// sum holds. The optimizer step takes their mean, folded into its own pass.
+    fn reduce_sum(&mut self, flat_grad: &mut Tensor) -> Result<ReducedGradient>;
+    /// Copies every rank's share (as `reduce_sum` returns them) of `flat` from the rank that
+    /// owns it to all ranks: the parameters after a step, the moments before a checkpoint.
+    /// Nothing to do when every rank updates every element.
+    fn gather_shares(&mut self, flat: &mut Tensor) -> Result<()>;
 }
 
 /// Single rank: the gradient is used as it is.
 pub struct NoReduction;
 
 impl GradientReducer for NoReduction {
-    fn reduce_sum(&mut self, _flat_grad: &mut Tensor) -> Result<usize> {
-        Ok(1)
+    fn reduce_sum(&mut self, flat_grad: &mut Tensor) -> Result<ReducedGradient> {
+        Ok(ReducedGradient::whole(flat_grad.numel()))
+    }
+    fn gather_shares(&mut self, _flat: &mut Tensor) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -279,13 +289,14 @@ impl TrainState {
             self.pool.as_ref(),
         );
         let mut grad = self.estimators.params.grad();
-        let ranks = reducer.reduce_sum(&mut grad)?;
+        let reduced = reducer.reduce_sum(&mut grad)?;
         self.optimizer.step_on(
             &mut self.estimators.params,
             &grad,
-            ranks,
+            &reduced,
             self.pool.as_ref(),
         );
+        reducer.gather_shares(&mut self.estimators.params.flat().shallow_clone())?;
         let metrics = StepMetrics {
             loss: loss.double_value(&[]),
             batch_trajectories: batch.len(),
@@ -296,6 +307,15 @@ impl TrainState {
         };
         self.step += 1;
         Ok(metrics)
+    }
+
+    /// Makes this rank's optimizer moments whole after updates that `reducer` shared out
+    /// (before a checkpoint). Collective: every rank calls it at the same step.
+    pub fn gather_optimizer_state(&mut self, reducer: &mut dyn GradientReducer) -> Result<()> {
+        for moment in self.optimizer.moments_mut() {
+            reducer.gather_shares(moment)?;
+        }
+        Ok(())
     }
 
     /// Sample a batch and update on it.

@@ -9,7 +9,7 @@ use common::grid;
 use gfn_core::env::Environment;
 use gfn_core::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
 use gfn_core::losses::{loss_and_backward, pool_pays, LossConfig, LossKind};
-use gfn_core::optim::{Adam, OptimizerConfig, OptimizerKind};
+use gfn_core::optim::{Adam, OptimizerConfig, OptimizerKind, ReducedGradient};
 use gfn_core::parallel::training_pool;
 use gfn_core::sampler::{sample_trajectories, sample_trajectories_parallel, Exploration};
 use gfn_core::trajectories::Trajectories;
@@ -155,7 +155,7 @@ fn adam_on_a_pool_gives_the_same_parameters() {
                 adam.step_on(
                     &mut est.params,
                     &Tensor::from_slice(&grad),
-                    1,
+                    &ReducedGradient::whole(grad.len()),
                     pool.as_ref(),
                 );
             }

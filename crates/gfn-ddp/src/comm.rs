@@ -2,12 +2,23 @@
 //! barrier and a gather of small host values for metrics.
 
 use crate::Result;
+use gfn_core::parallel::even_shares;
+use std::ops::Range;
 use tch::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
     Sum,
     Average,
+}
+
+/// The share of a buffer of `len` elements that `rank` of `world` ranks owns in
+/// [`Communicator::reduce_scatter_sum`] and [`Communicator::all_gather_shares`]: consecutive
+/// elements, as even as whole numbers allow.
+pub fn share_of(len: usize, rank: usize, world: usize) -> Range<usize> {
+    even_shares(len, world)
+        .nth(rank)
+        .expect("rank is below the world size")
 }
 
 pub trait Communicator {
@@ -21,6 +32,33 @@ pub trait Communicator {
     fn barrier(&mut self) -> Result<()>;
     /// Every rank's `values` (same length everywhere), concatenated in rank order, on `root`.
     fn gather(&mut self, values: &[f64], root: usize) -> Result<Option<Vec<f64>>>;
+
+    /// Whether [`Self::reduce_scatter_sum`] and [`Self::all_gather_shares`] are collectives of
+    /// their own here, together moving what one all-reduce moves, so that ranks gain by
+    /// sharing an update out. Otherwise they are the fallbacks below.
+    fn shards(&self) -> bool {
+        false
+    }
+
+    /// Sums a contiguous f32 tensor over the ranks into this rank's share of it ([`share_of`]);
+    /// the other elements are left unspecified. Fallback: an all-reduce.
+    fn reduce_scatter_sum(&mut self, buffer: &mut Tensor) -> Result<()> {
+        self.all_reduce(buffer, ReduceOp::Sum)
+    }
+
+    /// Copies every rank's share of a contiguous f32 tensor ([`share_of`]) from that rank to
+    /// all ranks. Fallback: zero the other shares and sum (exact: x + 0 = x).
+    fn all_gather_shares(&mut self, buffer: &mut Tensor) -> Result<()> {
+        let len = buffer.numel();
+        let mine = share_of(len, self.rank(), self.world_size());
+        tch::no_grad(|| {
+            let _ = buffer.narrow(0, 0, mine.start as i64).zero_();
+            let _ = buffer
+                .narrow(0, mine.end as i64, (len - mine.end) as i64)
+                .zero_();
+        });
+        self.all_reduce(buffer, ReduceOp::Sum)
+    }
 }
 
 /// World size 1: every collective is the identity.

@@ -77,6 +77,31 @@ impl Placement {
     }
 }
 
+/// How to join the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinOptions {
+    pub backend: Backend,
+    /// Bounds every wait for other ranks (start-up, rendezvous, the NCCL communicator).
+    pub timeout: Duration,
+    /// The last `buffer_ranks` ranks serve replay buffers instead of training.
+    pub buffer_ranks: usize,
+    /// MPI backend: all-reduce through a shared-memory window when every training rank is on
+    /// this node (see [`crate::backends::shared_memory`]); otherwise `MPI_Allreduce`.
+    pub shared_memory: bool,
+}
+
+impl JoinOptions {
+    /// Training ranks only, shared memory where it applies, and a 5-minute timeout.
+    pub fn new(backend: Backend) -> Self {
+        JoinOptions {
+            backend,
+            timeout: Duration::from_secs(300),
+            buffer_ranks: 0,
+            shared_memory: true,
+        }
+    }
+}
+
 /// This process's place in the job and, on training ranks, their communicator.
 pub struct World {
     pub info: RankInfo,
@@ -136,15 +161,19 @@ impl World {
         }
     }
 
-    /// Joins the job described by the environment; `timeout` bounds every wait for other ranks.
-    /// `announce` gives this rank's bytes for [`World::announcements`] once its placement is
-    /// known (a buffer rank binds its server first and announces the address).
+    /// Joins the job described by the environment. `announce` gives this rank's bytes for
+    /// [`World::announcements`] once its placement is known (a buffer rank binds its server
+    /// first and announces the address).
     pub fn join(
-        backend: Backend,
-        timeout: Duration,
-        buffer_ranks: usize,
+        options: JoinOptions,
         announce: impl FnOnce(&Placement) -> Result<Vec<u8>>,
     ) -> Result<Self> {
+        let JoinOptions {
+            backend,
+            timeout,
+            buffer_ranks,
+            ..
+        } = options;
         let info = RankInfo::from_env()?;
         let placement = Placement::new(info.rank, info.world_size, buffer_ranks)?;
         let cuda = tch::Cuda::is_available();
@@ -232,7 +261,7 @@ impl World {
         #[cfg(feature = "mpi")]
         let mpi_training = mpi
             .as_ref()
-            .and_then(|m| m.communicator(placement.trainers));
+            .and_then(|m| m.communicator(placement.trainers, options.shared_memory));
         let mut world = World {
             info,
             placement,

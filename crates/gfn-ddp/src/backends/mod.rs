@@ -4,3 +4,5 @@
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+#[cfg(feature = "mpi")]
+pub mod shared_memory;

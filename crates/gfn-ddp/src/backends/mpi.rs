@@ -1,8 +1,10 @@
 //! MPI backend (rsmpi): collectives on host memory; device tensors are staged through the host.
 
+use crate::backends::shared_memory::SharedWindow;
 use crate::comm::{Communicator, ReduceOp};
 use crate::watchdog::Watchdog;
 use crate::{DdpError, Result};
+use gfn_core::parallel::even_shares;
 use mpi::environment::Universe;
 use mpi::ffi;
 use mpi::raw::AsRaw;
@@ -61,21 +63,31 @@ impl MpiWorld {
     }
 
     /// A communicator over the world ranks `0..members` (the training ranks); `None` on ranks
-    /// outside it.
-    pub fn communicator(&self, members: usize) -> Option<MpiCommunicator> {
+    /// outside it. With `shared_memory`, its all-reduce goes through a shared window when every
+    /// member is on this node ([`SharedWindow`]).
+    pub fn communicator(&self, members: usize, shared_memory: bool) -> Option<MpiCommunicator> {
         let world = self.universe.world();
         let color = if (world.rank() as usize) < members {
             Color::with_value(0)
         } else {
             Color::undefined()
         };
-        world
-            .split_by_color(color)
-            .map(|comm| MpiCommunicator { comm })
+        let comm = world.split_by_color(color)?;
+        let one_node = shared_memory && comm.split_shared(comm.rank()).size() == comm.size();
+        Some(MpiCommunicator {
+            windows: Vec::new(),
+            one_node,
+            comm,
+        })
     }
 }
 
 pub struct MpiCommunicator {
+    /// Shared windows by buffer length, created on the first all-reduce of each length
+    /// (dropped before `comm`, which they are built on).
+    windows: Vec<SharedWindow>,
+    /// Every rank is on this node and shared windows are wanted.
+    one_node: bool,
     comm: SimpleCommunicator,
 }
 
@@ -104,12 +116,80 @@ fn all_reduce_sum_in_place(comm: &SimpleCommunicator, data: &mut [f32]) -> Resul
             comm.as_raw(),
         )
     };
+    mpi_result("MPI_Allreduce", code)
+}
+
+/// Each rank's element count and offset in `even_shares(len, ranks)`, as MPI takes them.
+fn share_counts(comm: &SimpleCommunicator, len: usize) -> Result<(Vec<c_int>, Vec<c_int>)> {
+    let as_int = |n: usize| {
+        c_int::try_from(n).map_err(|_| DdpError::Backend {
+            backend: "mpi",
+            reason: format!("{len} elements exceed one MPI collective's count"),
+        })
+    };
+    as_int(len)?;
+    let shares: Vec<_> = even_shares(len, comm.size() as usize).collect();
+    let counts = shares
+        .iter()
+        .map(|s| as_int(s.len()))
+        .collect::<Result<_>>()?;
+    let offsets = shares
+        .iter()
+        .map(|s| as_int(s.start))
+        .collect::<Result<_>>()?;
+    Ok((counts, offsets))
+}
+
+/// Sums `data` over the ranks into this rank's share of it. MPI leaves the share at the
+/// front of the buffer; it is moved to its place.
+fn reduce_scatter_sum_in_place(comm: &SimpleCommunicator, data: &mut [f32]) -> Result<()> {
+    let (counts, offsets) = share_counts(comm, data.len())?;
+    // SAFETY: `data` holds the full input (the sum of the counts is its length) and is
+    // exclusively borrowed; the handles are valid for the lifetime of the MPI world.
+    let code = unsafe {
+        ffi::MPI_Reduce_scatter(
+            gfn_mpi_in_place,
+            data.as_mut_ptr().cast(),
+            counts.as_ptr(),
+            ffi::RSMPI_FLOAT,
+            ffi::RSMPI_SUM,
+            comm.as_raw(),
+        )
+    };
+    mpi_result("MPI_Reduce_scatter", code)?;
+    let rank = comm.rank() as usize;
+    let (count, offset) = (counts[rank] as usize, offsets[rank] as usize);
+    data.copy_within(0..count, offset);
+    Ok(())
+}
+
+/// Copies every rank's share of `data` from that rank into `data`.
+fn all_gather_in_place(comm: &SimpleCommunicator, data: &mut [f32]) -> Result<()> {
+    let (counts, offsets) = share_counts(comm, data.len())?;
+    // SAFETY: in place, each rank's share is read from where it is received; `data` is
+    // exclusively borrowed and as long as the counts say; the handles are valid.
+    let code = unsafe {
+        ffi::MPI_Allgatherv(
+            gfn_mpi_in_place,
+            0,
+            ffi::RSMPI_FLOAT,
+            data.as_mut_ptr().cast(),
+            counts.as_ptr(),
+            offsets.as_ptr(),
+            ffi::RSMPI_FLOAT,
+            comm.as_raw(),
+        )
+    };
+    mpi_result("MPI_Allgatherv", code)
+}
+
+pub(crate) fn mpi_result(what: &str, code: c_int) -> Result<()> {
     if code == ffi::MPI_SUCCESS as c_int {
         Ok(())
     } else {
         Err(DdpError::Backend {
             backend: "mpi",
-            reason: format!("MPI_Allreduce failed with error code {code}"),
+            reason: format!("{what} failed with error code {code}"),
         })
     }
 }
@@ -139,6 +219,45 @@ fn with_host_slice<R>(buffer: &mut Tensor, f: impl FnOnce(&mut [f32]) -> R) -> R
     Ok(out)
 }
 
+impl MpiCommunicator {
+    /// Runs a collective over `buffer`'s host data after `prepare`: through the shared window
+    /// for its length where windows are used (created on first use: collective, as every rank
+    /// runs the same collectives on buffers of the same lengths in the same order), through
+    /// MPI otherwise.
+    fn host_collective(
+        &mut self,
+        buffer: &mut Tensor,
+        prepare: impl FnOnce(&mut [f32]),
+        through_window: fn(&mut SharedWindow, &mut [f32]),
+        through_mpi: fn(&SimpleCommunicator, &mut [f32]) -> Result<()>,
+    ) -> Result<()> {
+        let len = buffer.numel();
+        let window = if self.one_node && self.comm.size() > 1 && len > 0 {
+            let index = match self.windows.iter().position(|w| w.len() == len) {
+                Some(index) => index,
+                None => {
+                    self.windows.push(SharedWindow::new(&self.comm, len)?);
+                    self.windows.len() - 1
+                }
+            };
+            Some(&mut self.windows[index])
+        } else {
+            None
+        };
+        let comm = &self.comm;
+        with_host_slice(buffer, |data| {
+            prepare(data);
+            match window {
+                Some(window) => {
+                    through_window(window, data);
+                    Ok(())
+                }
+                None => through_mpi(comm, data),
+            }
+        })?
+    }
+}
+
 impl Communicator for MpiCommunicator {
     fn rank(&self) -> usize {
         self.comm.rank() as usize
@@ -152,15 +271,43 @@ impl Communicator for MpiCommunicator {
 
     fn all_reduce(&mut self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
         let inverse_world = 1.0 / self.world_size() as f32;
-        let comm = &self.comm;
-        with_host_slice(buffer, |data| {
-            // Averaged before the sum, while the buffer is still in this core's cache from
-            // the backward pass (exactly the same values for power-of-two world sizes).
-            if op == ReduceOp::Average {
-                data.iter_mut().for_each(|x| *x *= inverse_world);
-            }
-            all_reduce_sum_in_place(comm, data)
-        })?
+        self.host_collective(
+            buffer,
+            |data| {
+                // Averaged before the sum, while the buffer is still in this core's cache from
+                // the backward pass (exactly the same values for power-of-two world sizes).
+                if op == ReduceOp::Average {
+                    data.iter_mut().for_each(|x| *x *= inverse_world);
+                }
+            },
+            SharedWindow::all_reduce,
+            all_reduce_sum_in_place,
+        )
+    }
+
+    /// Only through a shared window: Open MPI's `MPI_Reduce_scatter` plus `MPI_Allgatherv` of
+    /// the gradient took 0.155 ms per step here against 0.105 ms for its `MPI_Allreduce`,
+    /// more than the halved optimizer step saves.
+    fn shards(&self) -> bool {
+        self.one_node && self.world_size() > 1
+    }
+
+    fn reduce_scatter_sum(&mut self, buffer: &mut Tensor) -> Result<()> {
+        self.host_collective(
+            buffer,
+            |_| {},
+            SharedWindow::reduce_scatter,
+            reduce_scatter_sum_in_place,
+        )
+    }
+
+    fn all_gather_shares(&mut self, buffer: &mut Tensor) -> Result<()> {
+        self.host_collective(
+            buffer,
+            |_| {},
+            SharedWindow::all_gather,
+            all_gather_in_place,
+        )
     }
 
     fn broadcast(&mut self, buffer: &mut Tensor, root: usize) -> Result<()> {
