@@ -76,8 +76,8 @@ pub struct DdpSection {
     pub backend: String,
     /// Seconds any rank waits for the others (rendezvous, start-up) before giving up.
     pub timeout_s: u64,
-    /// MPI backend: all-reduce through shared memory when every training rank is on one node
-    /// (false: always MPI_Allreduce).
+    /// MPI backend, every training rank on one node: collectives through shared memory and the
+    /// optimizer step shared out across the ranks (false: MPI_Allreduce, whole step per rank).
     pub shared_memory: bool,
 }
 

@@ -45,6 +45,49 @@ fn two_mpi_ranks_learn_as_well_as_one_with_the_same_total_batch() {
     let _ = std::fs::remove_dir_all(two);
 }
 
+/// On one node the ranks share the optimizer step out, each holding current Adam moments for
+/// its share only, and gather them before a checkpoint: the checkpoint must be the one that
+/// every rank stepping every element writes, tensor for tensor and bit for bit.
+#[test]
+fn sharing_the_update_out_changes_no_bit_of_the_checkpoint() {
+    let load = |shared: bool| {
+        let dir = scratch(if shared { "shared-out" } else { "whole-step" });
+        let shared_memory = format!("ddp.shared_memory={shared}");
+        assert_ok(&mpirun(
+            2,
+            &[],
+            &[
+                "train",
+                "--out",
+                dir.to_str().unwrap(),
+                "--set",
+                &shared_memory,
+                "--set",
+                "train.steps=300",
+                "--set",
+                "train.checkpoint_every=200",
+                "--set",
+                "train.validate_every=0",
+                "--set",
+                "train.eval_samples=1000",
+            ],
+        ));
+        let tensors = tch::Tensor::load_multi(dir.join("checkpoint.pt")).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+        tensors
+    };
+    let (shared, whole) = (load(true), load(false));
+    assert_eq!(shared.len(), whole.len());
+    for ((name, a), (other, b)) in shared.iter().zip(&whole) {
+        assert_eq!(name, other);
+        assert!(a.equal(b), "checkpoint tensor {name} differs");
+    }
+    let names: Vec<_> = shared.iter().map(|(n, _)| n.as_str()).collect();
+    for name in ["params", "exp_avg", "exp_avg_sq"] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+}
+
 #[test]
 fn torchrun_style_variables_with_one_rank_train() {
     let out = scratch("torchrun1");

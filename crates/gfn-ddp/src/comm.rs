@@ -33,9 +33,9 @@ pub trait Communicator {
     /// Every rank's `values` (same length everywhere), concatenated in rank order, on `root`.
     fn gather(&mut self, values: &[f64], root: usize) -> Result<Option<Vec<f64>>>;
 
-    /// Whether [`Self::reduce_scatter_sum`] and [`Self::all_gather_shares`] are collectives of
-    /// their own here, together moving what one all-reduce moves, so that ranks gain by
-    /// sharing an update out. Otherwise they are the fallbacks below.
+    /// Whether ranks gain by sharing an update out here: [`Self::reduce_scatter_sum`] plus
+    /// [`Self::all_gather_shares`] cost no more than one all-reduce. Every communicator has
+    /// both; the defaults below are exact fallbacks built on the all-reduce.
     fn shards(&self) -> bool {
         false
     }

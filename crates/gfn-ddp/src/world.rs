@@ -85,8 +85,9 @@ pub struct JoinOptions {
     pub timeout: Duration,
     /// The last `buffer_ranks` ranks serve replay buffers instead of training.
     pub buffer_ranks: usize,
-    /// MPI backend: all-reduce through a shared-memory window when every training rank is on
-    /// this node (see [`crate::backends::shared_memory`]); otherwise `MPI_Allreduce`.
+    /// MPI backend, every training rank on this node: collectives through a shared-memory
+    /// window (see [`crate::backends::shared_memory`]) and the optimizer step shared out across
+    /// the ranks. Otherwise `MPI_Allreduce` and the whole step on every rank.
     pub shared_memory: bool,
 }
 

@@ -63,8 +63,8 @@ impl MpiWorld {
     }
 
     /// A communicator over the world ranks `0..members` (the training ranks); `None` on ranks
-    /// outside it. With `shared_memory`, its all-reduce goes through a shared window when every
-    /// member is on this node ([`SharedWindow`]).
+    /// outside it. With `shared_memory`, its collectives go through shared windows when every
+    /// member is on this node ([`SharedWindow`]), and it shards.
     pub fn communicator(&self, members: usize, shared_memory: bool) -> Option<MpiCommunicator> {
         let world = self.universe.world();
         let color = if (world.rank() as usize) < members {

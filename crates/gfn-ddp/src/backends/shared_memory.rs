@@ -41,9 +41,9 @@ const HEADER_BYTES: usize = 128;
 const LINE: usize = 64;
 /// Elements summed at a time: 4 KB of partial sums, which stay in L1.
 const SUM_BLOCK: usize = 1024;
-/// Polls before a waiting rank starts yielding its core: about 50 µs of `pause`, longer than
-/// the usual skew between ranks, after which an oversubscribed node (more ranks than cores)
-/// needs the core for the rank being waited for.
+/// Polls before a waiting rank starts yielding its core (each a `pause`: 3-50 µs in all,
+/// depending on the CPU); past that, on an oversubscribed node (more ranks than cores) the
+/// rank being waited for may need this core.
 const SPINS_BEFORE_YIELD: u32 = 1000;
 
 pub struct SharedWindow {
