@@ -75,6 +75,9 @@ impl SharedWindow {
         })?;
         let mut base: *mut c_void = std::ptr::null_mut();
         let mut win = MaybeUninit::<ffi::MPI_Win>::uninit();
+        // Failure (e.g. no room for the backing file in Docker's 64 MB /dev/shm) aborts the job
+        // with Open MPI's message naming the file: with MPI_ERRORS_RETURN, Open MPI 4.1's
+        // osc/sm returns on the rank that failed while the others wait for it forever.
         // SAFETY: `base` and `win` are valid out-parameters (MPI writes the segment's address
         // into the pointer that `baseptr` points to); the communicator is live.
         mpi_result("MPI_Win_allocate_shared", unsafe {
