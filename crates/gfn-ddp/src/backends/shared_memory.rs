@@ -50,6 +50,8 @@ pub struct SharedWindow {
     win: ffi::MPI_Win,
     /// f32 elements per slot.
     len: usize,
+    /// Bytes from one slot's start to the next (a whole number of cache lines).
+    slot_bytes: usize,
     rank: usize,
     /// Start of every rank's segment as mapped into this process, in rank order.
     segments: Vec<*mut u8>,
@@ -95,6 +97,7 @@ impl SharedWindow {
         let mut window = SharedWindow {
             win: unsafe { win.assume_init() },
             len,
+            slot_bytes,
             rank: comm.rank() as usize,
             segments: Vec::with_capacity(comm.size() as usize),
             epoch: 0,
@@ -128,12 +131,8 @@ impl SharedWindow {
         Ok(window)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The last epoch that `rank` has arrived at.
@@ -144,11 +143,10 @@ impl SharedWindow {
     }
 
     fn slot(&self, rank: usize, parity: usize) -> *mut f32 {
-        let slot_bytes = round_up(self.len * size_of::<f32>(), LINE);
         // SAFETY: both slots lie inside the segment, after its header (see `new`).
         unsafe {
             self.segments[rank]
-                .add(HEADER_BYTES + parity * slot_bytes)
+                .add(HEADER_BYTES + parity * self.slot_bytes)
                 .cast::<f32>()
         }
     }
