@@ -1,8 +1,7 @@
-//! Checkpoints: parameters, optimizer moments, step, RNG position, replay buffer and modes found,
-//! in one file written atomically (temporary file, fsync, rename), so that a resumed run
-//! continues exactly where the stopped one was.
+//! Checkpoints: parameters, optimizer moments, step, RNG position, replay buffer and every
+//! metric's state, in one file written atomically (temporary file, fsync, rename), so that a
+//! resumed run continues exactly where the stopped one was.
 
-use crate::evaluation::ModeTracker;
 use crate::replay::ReplayBuffer;
 use crate::train::TrainState;
 use crate::{Error, Result};
@@ -11,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
+/// Tensor names of the metrics' states: this prefix and the metric's name.
+const METRIC_PREFIX: &str = "metric.";
 
 #[derive(Serialize, Deserialize)]
 struct Metadata {
@@ -24,7 +25,6 @@ struct Metadata {
     rng_stream: u64,
     /// u128 as a decimal string (JSON numbers cannot hold it).
     rng_word_pos: String,
-    modes_found: Vec<usize>,
     replay: ReplayBuffer,
 }
 
@@ -45,17 +45,21 @@ pub fn save(state: &TrainState, path: &Path) -> Result<()> {
         rng_seed: state.rng.get_seed(),
         rng_stream: state.rng.get_stream(),
         rng_word_pos: state.rng.get_word_pos().to_string(),
-        modes_found: state.modes.found_indices(),
         replay: state.replay.clone(),
     };
     let meta = serde_json::to_vec(&meta).map_err(|e| checkpoint_error(path, e))?;
     let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu);
-    let tensors = [
-        ("params", cpu(state.estimators.params.flat())),
-        ("exp_avg", cpu(&state.optimizer.exp_avg)),
-        ("exp_avg_sq", cpu(&state.optimizer.exp_avg_sq)),
-        ("meta", Tensor::from_slice(&meta)),
+    let mut tensors = vec![
+        ("params".to_string(), cpu(state.estimators.params.flat())),
+        ("exp_avg".to_string(), cpu(&state.optimizer.exp_avg)),
+        ("exp_avg_sq".to_string(), cpu(&state.optimizer.exp_avg_sq)),
+        ("meta".to_string(), Tensor::from_slice(&meta)),
     ];
+    for (name, bytes) in state.metrics.states() {
+        if !bytes.is_empty() {
+            tensors.push((format!("{METRIC_PREFIX}{name}"), Tensor::from_slice(&bytes)));
+        }
+    }
     let tmp = path.with_extension("tmp");
     Tensor::save_multi(&tensors, &tmp).map_err(|e| checkpoint_error(&tmp, e))?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -126,8 +130,14 @@ pub fn load(state: &mut TrainState, path: &Path) -> Result<()> {
         .rng_word_pos
         .parse()
         .map_err(|_| checkpoint_error(path, "corrupt RNG position"))?;
-    let modes = ModeTracker::restore(state.truth.n_states, &meta.modes_found)
-        .ok_or_else(|| checkpoint_error(path, "mode index out of range"))?;
+    let metric_state = |name: &str| {
+        let tensor = get(&format!("{METRIC_PREFIX}{name}")).ok()?;
+        Vec::<u8>::try_from(tensor.to_kind(Kind::Uint8)).ok()
+    };
+    state
+        .metrics
+        .restore(metric_state)
+        .map_err(|e| checkpoint_error(path, e))?;
 
     state.estimators.params.copy_from(&params);
     let device = state.estimators.device();
@@ -140,7 +150,6 @@ pub fn load(state: &mut TrainState, path: &Path) -> Result<()> {
     state.rng = rng;
     state.step = meta.step;
     state.trajectories = meta.trajectories;
-    state.modes = modes;
     state.replay = meta.replay;
     Ok(())
 }

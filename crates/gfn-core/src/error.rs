@@ -9,10 +9,19 @@ pub enum Error {
         value: String,
         reason: String,
     },
+    #[error("environment {env} cannot enumerate its states")]
+    NotEnumerable { env: String },
     #[error(
-        "environment has {n_states} states, more than the {limit} that exact evaluation enumerates"
+        "environment {env} has {n_states} states, more than the {limit} that exact evaluation enumerates"
     )]
-    TooLargeToEnumerate { n_states: u128, limit: usize },
+    TooLargeToEnumerate {
+        env: String,
+        n_states: String,
+        limit: usize,
+    },
+    /// An environment broke its contract (see [`crate::env::Environment`]).
+    #[error("environment {env}: {reason}")]
+    Environment { env: String, reason: String },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
     /// A collective of the gradient hook failed (data-parallel training).

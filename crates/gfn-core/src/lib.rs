@@ -1,12 +1,14 @@
 //! gfn-core: the GFlowNet itself, independent of ranks and sockets.
 //!
-//! - [`env`]: the [`env::Environment`] trait (batched stepping and masks in plain Rust) and HyperGrid.
-//! - [`truth`]: exact ground truth by enumeration (log Z, target distribution, modes).
+//! - [`env`]: the [`env::Environment`] trait (batched stepping, masks and rewards in plain Rust,
+//!   optional enumeration), HyperGrid and both BitSequence variants, and [`env::EnvConfig`].
+//! - [`truth`]: exact ground truth by enumeration (log Z, target distribution).
 //! - [`params`] and [`estimators`]: all parameters in one flat tensor (one buffer to all-reduce),
-//!   MLP/tabular policies, state flows and log Z on tch.
+//!   MLP, tabular and Transformer policies, state flows and log Z on tch.
 //! - [`trajectories`], [`sampler`], [`replay`]: rolling out batches with exploration, replay.
 //! - [`losses`]: TB, DB, SubTB, FM, ZVar, ModifiedDB as pure functions of a batch and the estimators.
-//! - [`evaluation`]: exact learned distribution (propagation over the DAG) and sampled metrics.
+//! - [`metrics`]: metric modules (exact distribution, modes, reward statistics, test-set
+//!   correlation, ELBO/EUBO) that observe training and compute at evaluations.
 //! - [`host_mlp`]: the plain-Rust linear layer that CPU rollouts run their policy with.
 //! - [`unique`]: distinct states of a batch, so that networks run once per distinct state.
 //! - [`optim`], [`train`], [`checkpoint`]: the training state and its single `update`.
@@ -16,9 +18,9 @@ pub mod checkpoint;
 pub mod env;
 pub mod error;
 pub mod estimators;
-pub mod evaluation;
 pub mod host_mlp;
 pub mod losses;
+pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod params;

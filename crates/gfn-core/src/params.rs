@@ -73,6 +73,14 @@ impl ParamStoreBuilder {
         })
     }
 
+    /// Adds a parameter drawn from N(0, 1) (Box–Muller, in f64).
+    pub fn add_normal(&mut self, name: &str, shape: &[i64], rng: &mut impl Rng) -> ParamId {
+        self.add(name, shape, ParamGroup::Network, || {
+            let (u, v): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+    }
+
     pub fn build(self, device: Device) -> ParamStore {
         let flat = Tensor::from_slice(&self.values).to_device(device);
         let leaves = leaves_over(&flat, &self.specs);

@@ -4,8 +4,8 @@
 
 use crate::env::Environment;
 use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
-use crate::evaluation::{evaluate_policy, DistributionMetrics, ModeTracker};
-use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig};
+use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig, LossKind};
+use crate::metrics::{EvalContext, MetricSet, MetricsConfig, Values};
 use crate::optim::{Adam, OptimizerConfig, ReducedGradient};
 use crate::parallel::{resolve_threads, training_pool, with_intra_op_threads, ThreadPool};
 use crate::replay::{ReplayBuffer, ReplayPolicy};
@@ -37,7 +37,7 @@ impl ReplayConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     pub architecture: Architecture,
     pub backward: BackwardPolicy,
@@ -50,6 +50,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// CPU threads of this process; 0: every CPU it may run on.
     pub threads: usize,
+    /// Terminal states sampled for the sampled distances to the exact target.
+    pub exact_samples: usize,
+    pub metrics: MetricsConfig,
 }
 
 impl TrainConfig {
@@ -84,7 +87,20 @@ impl TrainConfig {
             ));
         }
         self.loss.validate()?;
+        self.metrics.validate()?;
         self.optimizer.validate()
+    }
+
+    /// What the objective asks of the environment.
+    fn validate_for(&self, env: &dyn Environment) -> Result<()> {
+        if self.loss.kind == LossKind::ModifiedDb && !env.exits_everywhere() {
+            return Err(Error::invalid(
+                "loss.name",
+                "modified_db",
+                format!("needs an environment where every state can terminate, which {} is not", env.describe()),
+            ));
+        }
+        Ok(())
     }
 
     fn estimator_config(&self) -> EstimatorConfig {
@@ -139,14 +155,27 @@ pub struct StepMetrics {
     pub epsilon: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// The values of an evaluation, by name: the learned log Z estimate, then every metric's.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Evaluation {
-    #[serde(flatten)]
-    pub distribution: DistributionMetrics,
-    pub modes_found: usize,
-    pub n_modes: usize,
-    pub log_z: f64,
-    pub true_log_z: f64,
+    pub values: Values,
+}
+
+impl Evaluation {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.values.iter().find(|(k, _)| k == name).map(|&(_, v)| v)
+    }
+}
+
+impl Serialize for Evaluation {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.values.len()))?;
+        for (k, v) in &self.values {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 pub struct TrainState {
@@ -159,8 +188,11 @@ pub struct TrainState {
     pub replay: ReplayBuffer,
     /// Fresh trajectories sampled so far (replayed ones not counted).
     pub trajectories: u64,
-    pub truth: GroundTruth,
-    pub modes: ModeTracker,
+    /// The exact target, where the environment can be enumerated.
+    pub truth: Option<GroundTruth>,
+    /// Why there is no exact target (the environment cannot be enumerated, or is too large).
+    pub no_truth: Option<String>,
+    pub metrics: MetricSet,
     /// Helper threads for rollouts, the update and Adam (CPU, several threads, where
     /// [`pool_pays`]); see [`crate::parallel`].
     pool: Option<ThreadPool>,
@@ -179,8 +211,15 @@ impl TrainState {
         stream: u64,
     ) -> Result<Self> {
         config.validate()?;
+        config.validate_for(env.as_ref())?;
         set_flush_on_this_thread(true);
-        let truth = GroundTruth::enumerate(env.as_ref())?;
+        let (truth, no_truth) = match GroundTruth::enumerate(env.as_ref()) {
+            Ok(truth) => (Some(truth), None),
+            Err(e @ (Error::NotEnumerable { .. } | Error::TooLargeToEnumerate { .. })) => {
+                (None, Some(e.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
         let mut init_rng = ChaCha8Rng::seed_from_u64(config.seed);
         let estimators = Estimators::new(
             env.as_ref(),
@@ -191,7 +230,12 @@ impl TrainState {
         let optimizer = Adam::new(&estimators.params, config.optimizer);
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(stream + 1);
-        let modes = ModeTracker::new(truth.n_states);
+        let metrics = MetricSet::for_env(
+            env.as_ref(),
+            truth.as_ref(),
+            &config.metrics,
+            config.exact_samples,
+        );
         let threads = resolve_threads(config.threads, 1);
         let replayed = match config.replay.capacity {
             0 => 0,
@@ -209,6 +253,7 @@ impl TrainState {
         let pool = pool_pays.then(|| training_pool(threads)).flatten();
         // Our threads take the cores during training; libtorch's would only compete with them.
         tch::set_num_threads(if pool.is_some() { 1 } else { threads as i32 });
+        let replay = ReplayBuffer::new(config.replay.capacity, config.replay.policy);
         Ok(TrainState {
             env,
             config,
@@ -216,10 +261,11 @@ impl TrainState {
             optimizer,
             step: 0,
             rng,
-            replay: ReplayBuffer::new(config.replay.capacity, config.replay.policy),
+            replay,
             trajectories: 0,
             truth,
-            modes,
+            no_truth,
+            metrics,
             pool,
             threads,
         })
@@ -229,9 +275,9 @@ impl TrainState {
         self.config.epsilon.at(self.step)
     }
 
-    /// A fresh on-policy batch (with exploration); its terminal states count towards the
-    /// modes found.
-    pub fn sample_fresh(&mut self) -> Trajectories {
+    /// A fresh on-policy batch (with exploration); the metrics observe it (modes found,
+    /// distinct terminal states).
+    pub fn sample_fresh(&mut self) -> Result<Trajectories> {
         let exploration = Exploration {
             epsilon: self.epsilon(),
             temperature: self.config.temperature,
@@ -248,11 +294,10 @@ impl TrainState {
                 &mut self.rng,
             ),
             None => sample_trajectories(env, &self.estimators, n, exploration, &mut self.rng),
-        };
-        let terminals = (0..batch.len()).map(|b| env.state_index(batch.terminal_state(b)));
-        self.modes.observe(&self.truth, terminals);
+        }?;
+        self.metrics.observe(env, &batch);
         self.trajectories += n as u64;
-        batch
+        Ok(batch)
     }
 
     /// Replayed trajectories to add to `fresh` fresh ones.
@@ -262,8 +307,8 @@ impl TrainState {
 
     /// A fresh batch, plus trajectories replayed from the local buffer when enabled. Returns
     /// the batch and the number of fresh trajectories at its front.
-    pub fn sample_batch(&mut self) -> (Trajectories, usize) {
-        let mut batch = self.sample_fresh();
+    pub fn sample_batch(&mut self) -> Result<(Trajectories, usize)> {
+        let mut batch = self.sample_fresh()?;
         let n = batch.len();
         if self.config.replay.capacity > 0 {
             let k = self.replay_count(n);
@@ -271,7 +316,7 @@ impl TrainState {
             self.replay.push(&batch);
             batch.extend(&replayed);
         }
-        (batch, n)
+        Ok((batch, n))
     }
 
     /// One gradient step on `batch`.
@@ -320,7 +365,7 @@ impl TrainState {
 
     /// Sample a batch and update on it.
     pub fn train_step(&mut self, reducer: &mut dyn GradientReducer) -> Result<StepMetrics> {
-        let (batch, _) = self.sample_batch();
+        let (batch, _) = self.sample_batch()?;
         self.update(&batch, reducer)
     }
 
@@ -335,30 +380,27 @@ impl TrainState {
 
     /// Metrics of the current policy. Uses its own RNG (derived from seed and step) so that
     /// evaluating never changes the training trajectory.
-    pub fn evaluate(&self, n_samples: usize) -> Result<Evaluation> {
+    pub fn evaluate(&mut self) -> Result<Evaluation> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0x9E37_79B9_7F4A_7C15);
         rng.set_stream(self.step);
-        let mut evaluate = || {
-            evaluate_policy(
-                self.env.as_ref(),
-                &self.estimators,
-                &self.truth,
-                n_samples,
-                &mut rng,
-            )
+        let mut ctx = EvalContext {
+            env: self.env.as_ref(),
+            estimators: &self.estimators,
+            truth: self.truth.as_ref(),
+            rng,
         };
+        let metrics = &mut self.metrics;
         // Evaluation's large batches are libtorch's to split over the threads.
-        let distribution = match &self.pool {
-            Some(pool) => with_intra_op_threads(pool, self.threads, evaluate),
-            None => evaluate(),
+        let computed = match &self.pool {
+            Some(pool) => with_intra_op_threads(pool, self.threads, || metrics.compute(&mut ctx)),
+            None => metrics.compute(&mut ctx),
         }?;
-        Ok(Evaluation {
-            distribution,
-            modes_found: self.modes.count(),
-            n_modes: self.truth.modes.len(),
-            log_z: estimated_log_z(self.config.loss.kind, self.env.as_ref(), &self.estimators),
-            true_log_z: self.truth.log_z,
-        })
+        let mut values = Values::new();
+        if let Some(log_z) = estimated_log_z(self.config.loss.kind, self.env.as_ref(), &self.estimators) {
+            values.push(("log_z".into(), log_z));
+        }
+        values.extend(computed);
+        Ok(Evaluation { values })
     }
 }
 
@@ -396,6 +438,8 @@ mod tests {
                 },
                 seed: 0,
                 threads: 3,
+                exact_samples: 1000,
+                metrics: MetricsConfig::default(),
             };
             let env = HyperGrid::new(HyperGridConfig::new(2, 4, RewardPreset::Standard)).unwrap();
             let state = TrainState::new(Box::new(env), config, Device::Cpu, 0).unwrap();

@@ -1,16 +1,21 @@
-//! Exact ground truth by enumerating every state: log Z, the target distribution, the modes.
+//! Exact ground truth by enumerating every state: log Z and the target distribution π(x) = R(x)/Z.
 
-use crate::env::Environment;
+use crate::env::{Environment, Termination};
 use crate::{Error, Result};
 
 /// Largest state space enumerated for exact evaluation.
 pub const MAX_ENUMERATED_STATES: usize = 1 << 24;
 
+/// The number of states, when the environment can be enumerated and is small enough.
 pub fn enumerable_states(env: &dyn Environment) -> Result<usize> {
-    match env.n_states() {
-        Some(n) if n <= MAX_ENUMERATED_STATES => Ok(n),
-        other => Err(Error::TooLargeToEnumerate {
-            n_states: other.map_or(u128::MAX, |n| n as u128),
+    let enumeration = env.enumeration().ok_or_else(|| Error::NotEnumerable {
+        env: env.describe(),
+    })?;
+    match enumeration.n_states() {
+        Some(n) if n <= MAX_ENUMERATED_STATES as u64 => Ok(n as usize),
+        count => Err(Error::TooLargeToEnumerate {
+            env: env.describe(),
+            n_states: count.map_or_else(|| "more than 2^64".into(), |n| n.to_string()),
             limit: MAX_ENUMERATED_STATES,
         }),
     }
@@ -19,63 +24,63 @@ pub fn enumerable_states(env: &dyn Environment) -> Result<usize> {
 /// All states in index order (`n_states × state_dim`).
 pub fn all_states(env: &dyn Environment) -> Result<Vec<i64>> {
     let n = enumerable_states(env)?;
+    let enumeration = env.enumeration().expect("enumerable_states checked it");
     let d = env.state_dim();
     let mut states = vec![0i64; n * d];
     for (i, row) in states.chunks_exact_mut(d).enumerate() {
-        env.state_from_index(i, row);
+        enumeration.state_from_index(i, row);
     }
     Ok(states)
+}
+
+/// Whether a trajectory can end in each state: the exit action is allowed there, or (without
+/// an exit action) no action is.
+pub fn can_terminate(env: &dyn Environment, states: &[i64]) -> Vec<bool> {
+    let n_actions = env.n_actions();
+    let mut masks = vec![false; states.len() / env.state_dim() * n_actions];
+    env.forward_masks(states, &mut masks);
+    masks
+        .chunks_exact(n_actions)
+        .map(|m| match env.termination() {
+            Termination::ExitAction(exit) => m[exit],
+            Termination::WhenComplete => !m.contains(&true),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
 pub struct GroundTruth {
     pub n_states: usize,
-    /// log R per state index; `-inf` where exit is not allowed (not a terminal state).
+    /// log R per state index; `-inf` where no trajectory ends (not a terminal state).
     pub log_rewards: Vec<f64>,
     pub log_z: f64,
     /// π(x) = R(x) / Z per state index.
     pub probabilities: Vec<f64>,
-    /// State indices with the maximal reward.
-    pub modes: Vec<usize>,
-    pub is_mode: Vec<bool>,
 }
 
 impl GroundTruth {
     pub fn enumerate(env: &dyn Environment) -> Result<Self> {
         let states = all_states(env)?;
-        let n = states.len() / env.state_dim();
-        let mut log_r32 = vec![0f32; n];
-        env.log_reward(&states, &mut log_r32);
-        let mut masks = vec![false; n * env.n_actions()];
-        env.forward_masks(&states, &mut masks);
-        let exit = env.exit_action();
-        let log_rewards: Vec<f64> = log_r32
-            .iter()
-            .zip(masks.chunks_exact(env.n_actions()))
-            .map(|(&lr, m)| {
-                if m[exit] {
-                    lr as f64
-                } else {
-                    f64::NEG_INFINITY
-                }
-            })
-            .collect();
+        let d = env.state_dim();
+        let terminal = can_terminate(env, &states);
+        let mut log_rewards = vec![f64::NEG_INFINITY; terminal.len()];
+        let rows: Vec<usize> = (0..terminal.len()).filter(|&i| terminal[i]).collect();
+        let mut terminal_states = Vec::with_capacity(rows.len() * d);
+        for &i in &rows {
+            terminal_states.extend_from_slice(&states[i * d..(i + 1) * d]);
+        }
+        let mut log_r32 = vec![0f32; rows.len()];
+        env.log_reward(&terminal_states, &mut log_r32);
+        for (&i, &lr) in rows.iter().zip(&log_r32) {
+            log_rewards[i] = lr as f64;
+        }
         let log_z = log_sum_exp(&log_rewards);
         let probabilities = log_rewards.iter().map(|&lr| (lr - log_z).exp()).collect();
-        let max = log_rewards
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
-        // f32 log-rewards of equal rewards are bitwise equal; the tolerance only guards rounding.
-        let is_mode: Vec<bool> = log_rewards.iter().map(|&lr| lr >= max - 1e-6).collect();
-        let modes = (0..n).filter(|&i| is_mode[i]).collect();
         Ok(GroundTruth {
-            n_states: n,
+            n_states: terminal.len(),
             log_rewards,
             log_z,
             probabilities,
-            modes,
-            is_mode,
         })
     }
 }
@@ -94,11 +99,10 @@ mod tests {
     use crate::env::{HyperGrid, HyperGridConfig, RewardPreset};
 
     #[test]
-    fn hypergrid_4x8_easy_has_16_modes_and_the_hand_computed_partition() {
+    fn hypergrid_4x8_easy_has_the_hand_computed_partition() {
         let env = HyperGrid::new(HyperGridConfig::new(4, 8, RewardPreset::Easy)).unwrap();
         let truth = GroundTruth::enumerate(&env).unwrap();
         assert_eq!(truth.n_states, 4096);
-        assert_eq!(truth.modes.len(), 16);
         // Per coordinate, 4 of 8 values lie in the outer band and 2 in the inner band, so
         // Z = 4096 R0 + 4^4 R1 + 2^4 R2.
         let z = 4096.0 * 1e-3 + 256.0 * 0.5 + 16.0 * 2.0;
@@ -113,9 +117,12 @@ mod tests {
     }
 
     #[test]
-    fn hypergrid_2x64_has_144_modes() {
-        // |x/63 - 0.5| in (0.3, 0.4) for x in 7..=12 and 51..=56: 12 values per coordinate.
-        let env = HyperGrid::new(HyperGridConfig::new(2, 64, RewardPreset::Standard)).unwrap();
-        assert_eq!(GroundTruth::enumerate(&env).unwrap().modes.len(), 144);
+    fn too_large_spaces_name_their_real_size() {
+        let env = HyperGrid::new(HyperGridConfig::new(10, 10, RewardPreset::Standard)).unwrap();
+        let err = GroundTruth::enumerate(&env).unwrap_err().to_string();
+        assert!(err.contains("10000000000 states"), "{err}");
+        let env = HyperGrid::new(HyperGridConfig::new(40, 64, RewardPreset::Standard)).unwrap();
+        let err = GroundTruth::enumerate(&env).unwrap_err().to_string();
+        assert!(err.contains("more than 2^64 states"), "{err}");
     }
 }

@@ -3,12 +3,12 @@
 
 mod common;
 
-use gfn_core::env::Environment;
+use gfn_core::env::{exit_action, Environment};
 use gfn_core::estimators::{
     additive_mask, masked_log_softmax, Architecture, BackwardPolicy, EstimatorConfig, Estimators,
     HostScratch, Wanted,
 };
-use gfn_core::losses::{evaluate, prepare};
+use gfn_core::losses::{evaluate, prepare, BatchNeeds};
 use gfn_core::sampler::{sample_trajectories, Exploration};
 use rand::{Rng, SeedableRng};
 use tch::{Device, Tensor};
@@ -87,8 +87,12 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
         4,
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    let batch = sample_trajectories(&env, &est, 64, Exploration::ON_POLICY, &mut rng);
-    let prepared = prepare(&env, &est, &batch, f32::NEG_INFINITY);
+    let batch = sample_trajectories(&env, &est, 64, Exploration::ON_POLICY, &mut rng).unwrap();
+    let needs = BatchNeeds {
+        clip_min: f32::NEG_INFINITY,
+        state_log_rewards: false,
+    };
+    let prepared = prepare(&env, &est, &batch, needs);
     let distinct = prepared.input.size()[0] as usize;
     assert!(
         distinct < batch.n_states() / 2,
@@ -96,7 +100,8 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
         batch.n_states()
     );
     let p = est.params.views();
-    let ev = evaluate(&est, &p, &prepared, env.exit_action());
+    let exit = exit_action(&env).unwrap();
+    let ev = evaluate(&est, &p, &prepared, Some(exit));
 
     // The same quantities from one network row per state, repeats included.
     let s = batch.n_states();
@@ -126,7 +131,7 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
     let is_first = batch.is_first();
     let (got_pf, got_exit, got_pb, got_flow) = (
         values(&ev.log_pf),
-        values(&ev.log_pf_exit),
+        values(ev.log_pf_exit.as_ref().unwrap()),
         values(&ev.log_pb),
         values(ev.log_flow.as_ref().unwrap()),
     );
@@ -140,7 +145,7 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
         close(got_pf[i], log_pf[i * na + batch.actions[i]], "log P_F", i);
         close(
             got_exit[i],
-            log_pf[i * na + env.exit_action()],
+            log_pf[i * na + exit],
             "log P_F(exit)",
             i,
         );

@@ -4,6 +4,7 @@
 use gfn_core::env::{HyperGrid, HyperGridConfig, RewardPreset};
 use gfn_core::estimators::{Architecture, BackwardPolicy};
 use gfn_core::losses::{LossConfig, LossKind};
+use gfn_core::metrics::MetricsConfig;
 use gfn_core::optim::OptimizerConfig;
 use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
@@ -33,6 +34,8 @@ fn config(kind: LossKind) -> TrainConfig {
         },
         seed: 0,
         threads: 1,
+        exact_samples: 10_000,
+        metrics: MetricsConfig::default(),
     }
 }
 
@@ -54,18 +57,17 @@ fn train(env: HyperGridConfig, config: TrainConfig, steps: u64) -> TrainState {
 fn tb_db_and_subtb_learn_the_2x8_grid() {
     let env = HyperGridConfig::new(2, 8, RewardPreset::Standard);
     for kind in [LossKind::Tb, LossKind::Db, LossKind::Subtb] {
-        let state = train(env, config(kind), 1000);
-        let eval = state.evaluate(10_000).unwrap();
+        let mut state = train(env, config(kind), 1000);
+        let eval = state.evaluate().unwrap();
+        let exact_tv = eval.get("exact_tv").unwrap();
         assert!(
-            eval.distribution.exact_tv < 0.05,
-            "{kind:?}: exact TV {} after 1000 steps",
-            eval.distribution.exact_tv
+            exact_tv < 0.05,
+            "{kind:?}: exact TV {exact_tv} after 1000 steps"
         );
+        let (log_z, true_log_z) = (eval.get("log_z").unwrap(), eval.get("true_log_z").unwrap());
         assert!(
-            (eval.log_z - eval.true_log_z).abs() < 0.1,
-            "{kind:?}: log Z {} vs {}",
-            eval.log_z,
-            eval.true_log_z
+            (log_z - true_log_z).abs() < 0.1,
+            "{kind:?}: log Z {log_z} vs {true_log_z}"
         );
     }
 }
@@ -73,7 +75,7 @@ fn tb_db_and_subtb_learn_the_2x8_grid() {
 #[test]
 fn tb_finds_all_16_modes_of_the_easy_4x8_grid() {
     // Two threads: the split rollout and update (tests/parallel_training.rs) in a whole run.
-    let state = train(
+    let mut state = train(
         HyperGridConfig::new(4, 8, RewardPreset::Easy),
         TrainConfig {
             threads: 2,
@@ -81,10 +83,11 @@ fn tb_finds_all_16_modes_of_the_easy_4x8_grid() {
         },
         800,
     );
-    assert_eq!(state.truth.modes.len(), 16);
+    let eval = state.evaluate().unwrap();
+    assert_eq!(eval.get("n_modes"), Some(16.0));
     assert_eq!(
-        state.modes.count(),
-        16,
+        eval.get("modes_found"),
+        Some(16.0),
         "modes found after 800 steps ({} trajectories)",
         state.trajectories
     );

@@ -1,5 +1,5 @@
 use super::host_tensor;
-use crate::env::Environment;
+use crate::env::{exit_action, Environment};
 use crate::estimators::{additive_mask, Estimators, Wanted, MASKED_LOGIT};
 use crate::params::ParamViews;
 use crate::trajectories::Trajectories;
@@ -8,7 +8,8 @@ use tch::{Kind, Tensor};
 /// Flow matching with the forward head read as log edge flows log F(s → s') (the exit edge's
 /// flow is the reward): for every non-initial state s of the batch,
 /// (log Σ_parents F(p → s) − log Σ_children F(s → c))², plus the reward matching term
-/// (log F(x → exit) − log R(x))² at terminal states.
+/// (log F(x → exit) − log R(x))² at terminal states. Without an exit action, a complete x
+/// has no children and its outflow is R(x) itself.
 pub fn flow_matching(
     env: &dyn Environment,
     estimators: &Estimators,
@@ -64,16 +65,19 @@ pub fn flow_matching(
     let out_flow = logits
         .narrow(0, 0, s as i64)
         .logsumexp([1i64].as_slice(), false);
-
-    let rm = {
-        let last: Vec<i64> = batch.offsets[1..].iter().map(|&e| e as i64 - 1).collect();
-        let exit_flow = logits
-            .index_select(0, &host_tensor(&last, device))
-            .select(1, env.exit_action() as i64);
-        let log_r: Vec<f32> = batch.log_rewards.iter().map(|&r| r.max(clip_min)).collect();
-        (exit_flow - host_tensor(&log_r, device))
-            .square()
-            .mean(Kind::Float)
+    let last: Vec<i64> = batch.offsets[1..].iter().map(|&e| e as i64 - 1).collect();
+    let last = host_tensor(&last, device);
+    let log_r: Vec<f32> = batch.log_rewards.iter().map(|&r| r.max(clip_min)).collect();
+    let log_r = host_tensor(&log_r, device);
+    let (out_flow, rm) = match exit_action(env) {
+        Some(exit) => {
+            let exit_flow = logits.index_select(0, &last).select(1, exit as i64);
+            (out_flow, (exit_flow - log_r).square().mean(Kind::Float))
+        }
+        None => (
+            out_flow.index_copy(0, &last, &log_r),
+            Tensor::zeros([], (Kind::Float, device)),
+        ),
     };
     if children.is_empty() {
         return rm;

@@ -17,7 +17,7 @@ pub use subtb::{sub_trajectory_balance, subtb_weights, SubTbWeighting};
 pub use tb::trajectory_balance;
 pub use zvar::log_partition_variance;
 
-use crate::env::Environment;
+use crate::env::{exit_action, Environment, NO_ACTION};
 use crate::estimators::{additive_mask, masked_log_softmax, Estimators, Wanted};
 use crate::parallel::{even_shares, map_on_pool, ReadOnly, ThreadPool};
 use crate::params::ParamViews;
@@ -105,13 +105,37 @@ impl LossConfig {
     }
 }
 
+/// What [`prepare`] builds besides what every objective uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchNeeds {
+    /// Lower clip of log-rewards (torchgfn's `log_reward_clip_min`).
+    pub clip_min: f32,
+    /// log R(s) of every state, not only of each trajectory's x (modified detailed balance).
+    pub state_log_rewards: bool,
+}
+
+impl BatchNeeds {
+    pub fn of(config: &LossConfig) -> Self {
+        BatchNeeds {
+            clip_min: config.log_reward_clip_min,
+            state_log_rewards: config.kind == LossKind::ModifiedDb,
+        }
+    }
+}
+
 /// Tensors describing a batch, built once on the host and moved to the device. The networks
 /// run once per distinct state of the batch ([`UniqueRows`]); per-state values are gathered
 /// from those rows by the `*_pick` indices.
+///
+/// Trajectory b's edges run from its states to a sink whose log-flow is log R(x): with an exit
+/// action, every state starts an edge and the last one (x → sink) is the exit; without one,
+/// x is itself the sink, so the last state starts no edge and the edge into x ends at the sink.
 pub struct PreparedBatch {
     pub n_trajectories: usize,
     /// Trajectory boundaries (host side, for sub-trajectory weights).
     pub offsets: Vec<usize>,
+    /// Whether trajectories end with an exit action (else x is the sink itself).
+    pub exits: bool,
     /// Network input: one row per distinct state.
     pub input: Tensor,
     /// Additive masks of the distinct states.
@@ -127,6 +151,14 @@ pub struct PreparedBatch {
     backward_pick: Tensor,
     /// log of the uniform P_B(s_{t-1} | s_t) when P_B is not learned.
     uniform_log_pb: Option<Tensor>,
+    /// 0 at the last state of a trajectory without an exit action (no action taken there).
+    has_action: Option<Tensor>,
+    /// 1 where a state starts an edge, 0 at x when x is the sink.
+    pub starts_edge: Tensor,
+    /// Edges over the whole batch.
+    pub n_edges: usize,
+    /// Whether the edge that starts at each state ends at the sink.
+    pub into_sink: Tensor,
     /// 0 at the first state of each trajectory, 1 elsewhere.
     pub not_first: Tensor,
     pub not_last: Tensor,
@@ -137,7 +169,14 @@ pub struct PreparedBatch {
     /// Clipped log R(x) per trajectory.
     pub log_rewards: Tensor,
     /// Clipped log R(s) per state (for losses that treat every state as terminating).
-    pub state_log_rewards: Tensor,
+    pub state_log_rewards: Option<Tensor>,
+}
+
+impl PreparedBatch {
+    /// Edges of trajectory `b`: its states, or one fewer when x is the sink.
+    pub fn edges(&self, b: usize) -> usize {
+        self.offsets[b + 1] - self.offsets[b] - usize::from(!self.exits)
+    }
 }
 
 pub(crate) fn host_tensor<T: tch::kind::Element>(values: &[T], device: Device) -> Tensor {
@@ -152,11 +191,12 @@ pub fn prepare(
     env: &dyn Environment,
     estimators: &Estimators,
     batch: &Trajectories,
-    clip_min: f32,
+    needs: BatchNeeds,
 ) -> PreparedBatch {
     let device = estimators.device();
     let s = batch.n_states();
     let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
+    let exits = exit_action(env).is_some();
     let unique = UniqueRows::new(&batch.states, batch.state_dim);
     let n_unique = unique.len();
     let is_first = batch.is_first();
@@ -166,8 +206,12 @@ pub fn prepare(
     let mut backward_mask = vec![false; n_unique * n_back];
     env.backward_masks(&unique.rows, &mut backward_mask);
     let row = |i: usize| unique.index_of[i] as i64;
+    // A state without an action (x, without an exit action) picks column 0, masked out below.
     let forward_pick: Vec<i64> = (0..s)
-        .map(|i| row(i) * n_actions as i64 + batch.actions[i] as i64)
+        .map(|i| match batch.actions[i] {
+            NO_ACTION => row(i) * n_actions as i64,
+            a => row(i) * n_actions as i64 + a as i64,
+        })
         .collect();
     let backward_pick: Vec<i64> = (0..s)
         .map(|i| {
@@ -182,10 +226,13 @@ pub fn prepare(
     let next_index: Vec<i64> = (0..s)
         .map(|i| if is_last[i] { i as i64 } else { i as i64 + 1 })
         .collect();
-    let mut state_log_rewards = vec![0f32; s];
-    env.log_reward(&batch.states, &mut state_log_rewards);
-    let clip = |v: &mut f32| *v = v.max(clip_min);
-    state_log_rewards.iter_mut().for_each(clip);
+    let clip = |v: &mut f32| *v = v.max(needs.clip_min);
+    let state_log_rewards = needs.state_log_rewards.then(|| {
+        let mut values = vec![0f32; s];
+        env.log_reward(&batch.states, &mut values);
+        values.iter_mut().for_each(clip);
+        host_tensor(&values, device)
+    });
     let mut log_rewards = batch.log_rewards.clone();
     log_rewards.iter_mut().for_each(clip);
     let uniform_log_pb = (!estimators.has_learned_pb()).then(|| {
@@ -205,9 +252,16 @@ pub fn prepare(
     let state_row: Vec<i64> = (0..s).map(row).collect();
     let not_first: Vec<bool> = is_first.iter().map(|f| !f).collect();
     let not_last: Vec<bool> = is_last.iter().map(|f| !f).collect();
+    let starts_edge: Vec<bool> = if exits { vec![true; s] } else { not_last.clone() };
+    let into_sink: Vec<bool> = if exits {
+        is_last.clone()
+    } else {
+        (0..s).map(|i| i + 1 < s && is_last[i + 1]).collect()
+    };
     PreparedBatch {
         n_trajectories: batch.len(),
         offsets: batch.offsets.clone(),
+        exits,
         input: estimators.input(env, &unique.rows),
         forward_mask: additive_mask(&forward_mask, n_actions, device),
         backward_mask: estimators
@@ -217,13 +271,17 @@ pub fn prepare(
         forward_pick: host_tensor(&forward_pick, device),
         backward_pick: host_tensor(&backward_pick, device),
         uniform_log_pb,
+        has_action: (!exits).then(|| host_tensor(&as_f32(&not_last), device)),
+        n_edges: starts_edge.iter().filter(|&&e| e).count(),
+        starts_edge: host_tensor(&as_f32(&starts_edge), device),
+        into_sink: host_tensor(&into_sink, device),
         not_first: host_tensor(&as_f32(&not_first), device),
         not_last: host_tensor(&as_f32(&not_last), device),
         is_last: host_tensor(&is_last, device),
         trajectory_of_state: host_tensor(&batch.trajectory_of_states(), device),
         next_index: host_tensor(&next_index, device),
         log_rewards: host_tensor(&log_rewards, device),
-        state_log_rewards: host_tensor(&state_log_rewards, device),
+        state_log_rewards,
     }
 }
 
@@ -231,8 +289,8 @@ pub fn prepare(
 pub struct Evaluated {
     /// log P_F(a_t | s_t) of the action taken (the exit at the last state).
     pub log_pf: Tensor,
-    /// log P_F(exit | s_t) at every state.
-    pub log_pf_exit: Tensor,
+    /// log P_F(exit | s_t) at every state, where there is an exit action.
+    pub log_pf_exit: Option<Tensor>,
     /// log P_B(s_{t-1} | s_t); 0 at the first state.
     pub log_pb: Tensor,
     pub log_flow: Option<Tensor>,
@@ -294,35 +352,28 @@ impl NetworkOutputs {
     }
 }
 
-/// Every output the estimators have.
-fn all_outputs(estimators: &Estimators) -> Wanted {
-    Wanted {
-        pf: true,
-        pb: estimators.has_learned_pb(),
-        log_flow: estimators.has_log_flow(),
-    }
-}
-
 /// Runs the networks of `wanted` over the batch's distinct states and gathers per-state values.
 fn evaluate_networks(
     estimators: &Estimators,
     p: &ParamViews,
     batch: &PreparedBatch,
-    exit_action: usize,
+    exit_action: Option<usize>,
     wanted: Wanted,
 ) -> NetworkOutputs {
     let out = estimators.forward(p, &batch.input, wanted);
     let (log_pf, log_pf_exit) = match out.pf_logits {
         Some(logits) => {
             let log_probs = masked_log_softmax(&logits, &batch.forward_mask);
-            (
-                Some(log_probs.view([-1]).index_select(0, &batch.forward_pick)),
-                Some(
-                    log_probs
-                        .select(1, exit_action as i64)
-                        .index_select(0, &batch.state_row),
-                ),
-            )
+            let picked = log_probs.view([-1]).index_select(0, &batch.forward_pick);
+            let exit = exit_action.map(|exit| {
+                log_probs
+                    .select(1, exit as i64)
+                    .index_select(0, &batch.state_row)
+            });
+            match &batch.has_action {
+                Some(has_action) => (Some(picked * has_action), exit),
+                None => (Some(picked), exit),
+            }
         }
         None => (None, None),
     };
@@ -357,7 +408,7 @@ fn evaluated(
         .expect("a batch is prepared for the estimators that evaluate it");
     Evaluated {
         log_pf: outputs.log_pf.expect("P_F is always evaluated"),
-        log_pf_exit: outputs.log_pf_exit.expect("P_F is always evaluated"),
+        log_pf_exit: outputs.log_pf_exit,
         log_pb,
         log_flow: outputs.log_flow,
         log_z: estimators.log_z(p).map(|t| t.shallow_clone()),
@@ -368,9 +419,9 @@ pub fn evaluate(
     estimators: &Estimators,
     p: &ParamViews,
     batch: &PreparedBatch,
-    exit_action: usize,
+    exit_action: Option<usize>,
 ) -> Evaluated {
-    let outputs = evaluate_networks(estimators, p, batch, exit_action, all_outputs(estimators));
+    let outputs = evaluate_networks(estimators, p, batch, exit_action, estimators.all_outputs());
     evaluated(outputs, estimators, p, batch)
 }
 
@@ -381,6 +432,37 @@ pub fn per_trajectory_sum(values: &Tensor, batch: &PreparedBatch) -> Tensor {
         (Kind::Float, values.device()),
     )
     .index_add(0, &batch.trajectory_of_state, values)
+}
+
+/// Σ log P_F(τ) (the exit included) and Σ log P_B(τ | x) of each trajectory, without autograd.
+pub fn trajectory_log_probs(
+    env: &dyn Environment,
+    estimators: &Estimators,
+    batch: &Trajectories,
+) -> (Vec<f64>, Vec<f64>) {
+    tch::no_grad(|| {
+        let p = estimators.params.views();
+        let needs = BatchNeeds {
+            clip_min: f32::NEG_INFINITY,
+            state_log_rewards: false,
+        };
+        let prepared = prepare(env, estimators, batch, needs);
+        let wanted = Wanted {
+            pf: true,
+            pb: estimators.has_learned_pb(),
+            log_flow: false,
+        };
+        let outputs = evaluate_networks(estimators, &p, &prepared, exit_action(env), wanted);
+        let ev = evaluated(outputs, estimators, &p, &prepared);
+        let sums = |t: &Tensor| {
+            Vec::<f32>::try_from(per_trajectory_sum(t, &prepared).to_device(Device::Cpu))
+                .expect("f32 sums")
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        };
+        (sums(&ev.log_pf), sums(&ev.log_pb))
+    })
 }
 
 /// The loss of `config.kind` on a batch of trajectories.
@@ -394,8 +476,8 @@ pub fn compute_loss(
     if config.kind == LossKind::Fm {
         return flow_matching(env, estimators, p, batch, config.log_reward_clip_min);
     }
-    let prepared = prepare(env, estimators, batch, config.log_reward_clip_min);
-    let ev = evaluate(estimators, p, &prepared, env.exit_action());
+    let prepared = prepare(env, estimators, batch, BatchNeeds::of(config));
+    let ev = evaluate(estimators, p, &prepared, exit_action(env));
     loss_of(config, &ev, &prepared)
 }
 
@@ -432,7 +514,7 @@ pub fn pool_pays(
         LossKind::Subtb => trajectories * (max_length + 1) * (max_length + 1),
         _ => trajectories * max_length,
     };
-    let groups = estimators.independent_groups(all_outputs(estimators)).len();
+    let groups = estimators.independent_groups(estimators.all_outputs()).len();
     let uneven = groups > 1 && !groups.is_multiple_of(threads.max(1));
     loss_elements <= 1 << 16 && !(uneven && trajectories * max_length > 1 << 10)
 }
@@ -460,7 +542,7 @@ pub fn loss_and_backward(
     batch: &Trajectories,
     pool: Option<&ThreadPool>,
 ) -> Tensor {
-    let groups = estimators.independent_groups(all_outputs(estimators));
+    let groups = estimators.independent_groups(estimators.all_outputs());
     let split = match pool {
         _ if config.kind == LossKind::Fm => None,
         Some(_) if groups.len() > 1 => Some(Split::Networks(groups)),
@@ -477,9 +559,9 @@ pub fn loss_and_backward(
     }
     let estimators = &*estimators;
     let p = estimators.params.views();
-    let clip = config.log_reward_clip_min;
-    let prepared = prepare(env, estimators, batch, clip);
-    let exit_action = env.exit_action();
+    let needs = BatchNeeds::of(config);
+    let prepared = prepare(env, estimators, batch, needs);
+    let exit_action = exit_action(env);
     // SAFETY: every thread writes only the gradients of its own leaves (its networks' in a
     // split by network, its leaf set's in a split by rows); everything else here is only read.
     let (shared_estimators, shared_p, shared_batch) = unsafe {
@@ -503,8 +585,8 @@ pub fn loss_and_backward(
             let ranges = even_shares(batch.len(), *shares).enumerate();
             map_on_pool(pool, ranges.collect(), |(set, range)| {
                 let estimators = shared_estimators.get();
-                let share = prepare(env, estimators, &batch.subset(range), clip);
-                let all = all_outputs(estimators);
+                let share = prepare(env, estimators, &batch.subset(range), needs);
+                let all = estimators.all_outputs();
                 let p = estimators.params.views_of(set);
                 evaluate_networks(estimators, &p, &share, exit_action, all)
             })
@@ -547,9 +629,14 @@ pub fn loss_and_backward(
 }
 
 /// The learned estimate of log Z: the log Z parameter (TB), log F(s0) (DB, SubTB), the total
-/// edge flow out of s0 (FM), or log R(s0) - log P_F(exit | s0) (ZVar, ModifiedDB), which
-/// equals log Z wherever the policy samples x with probability R(x)/Z.
-pub fn estimated_log_z(kind: LossKind, env: &dyn Environment, estimators: &Estimators) -> f64 {
+/// edge flow out of s0 (FM), or log R(s0) - log P_F(exit | s0) (ZVar, ModifiedDB, where every
+/// state can exit), which equals log Z wherever the policy samples x with probability R(x)/Z.
+/// `None` where the objective has no estimate in this environment.
+pub fn estimated_log_z(
+    kind: LossKind,
+    env: &dyn Environment,
+    estimators: &Estimators,
+) -> Option<f64> {
     let mut s0 = vec![0i64; env.state_dim()];
     env.initial_state(&mut s0);
     let p = estimators.params.views();
@@ -573,12 +660,12 @@ pub fn estimated_log_z(kind: LossKind, env: &dyn Environment, estimators: &Estim
             LossKind::Db | LossKind::Subtb => out.log_flow.expect("DB/SubTB learn log F"),
             LossKind::Fm => (logits + mask).logsumexp([1i64].as_slice(), false),
             LossKind::Zvar | LossKind::ModifiedDb => {
+                let exit = exit_action(env).filter(|_| env.exits_everywhere())?;
                 let mut log_r = [0f32];
                 env.log_reward(&s0, &mut log_r);
-                -masked_log_softmax(&logits, &mask).select(1, env.exit_action() as i64)
-                    + log_r[0] as f64
+                -masked_log_softmax(&logits, &mask).select(1, exit as i64) + log_r[0] as f64
             }
         };
-        value.double_value(&[0])
+        Some(value.double_value(&[0]))
     })
 }

@@ -71,9 +71,10 @@ pub fn subtb_weights(
 }
 
 /// Sub-trajectory balance: for every sub-trajectory s_i → … → s_j of every trajectory,
-/// (log F(s_i) + Σ log P_F − log F(s_j) − Σ log P_B)², where the sink after x has log-flow
-/// log R(x) (so i = 0, j = sink is trajectory balance with log F(s0) as log Z), weighted by
-/// [`subtb_weights`].
+/// (log F(s_i) + Σ log P_F − log F(s_j) − Σ log P_B)², where the sink has log-flow log R(x)
+/// (the sink follows x's exit, or is x itself without an exit action; i = 0, j = sink is
+/// trajectory balance with log F(s0) as log Z), weighted by [`subtb_weights`] over each
+/// trajectory's edges.
 pub fn sub_trajectory_balance(
     ev: &Evaluated,
     batch: &PreparedBatch,
@@ -85,21 +86,27 @@ pub fn sub_trajectory_balance(
         .as_ref()
         .expect("SubTB needs a learned state flow");
     let device = log_flow.device();
-    let (weights, p) = subtb_weights(&batch.offsets, lambda, weighting);
     let n_traj = batch.n_trajectories;
+    // Offsets of each trajectory's edges: position t of trajectory b is its state t, and
+    // position edges(b) the sink.
+    let mut edge_offsets = vec![0];
+    for b in 0..n_traj {
+        edge_offsets.push(edge_offsets[b] + batch.edges(b));
+    }
+    let (weights, p) = subtb_weights(&edge_offsets, lambda, weighting);
     let n_states = *batch.offsets.last().unwrap_or(&0);
-    // Edge t of a trajectory goes from position t to t + 1; the last edge is the exit (P_B = 1).
+    // Edge t goes from position t to t + 1; an exit edge has no P_B term (P_B = 1).
     let edge = &ev.log_pf - ev.log_pb.index_select(0, &batch.next_index) * &batch.not_last;
     // Gather positions into padded [B, P] rows; index n_states (+ B) reads a padding zero.
     let mut edge_index = vec![n_states as i64; n_traj * (p - 1)];
     let mut flow_index = vec![(n_states + n_traj) as i64; n_traj * p];
     for b in 0..n_traj {
-        let (start, end) = (batch.offsets[b], batch.offsets[b + 1]);
-        for t in 0..end - start {
+        let (start, edges) = (batch.offsets[b], batch.edges(b));
+        for t in 0..edges {
             edge_index[b * (p - 1) + t] = (start + t) as i64;
             flow_index[b * p + t] = (start + t) as i64;
         }
-        flow_index[b * p + end - start] = (n_states + b) as i64;
+        flow_index[b * p + edges] = (n_states + b) as i64;
     }
     let zero = Tensor::zeros([1], (Kind::Float, device));
     let edges = Tensor::cat(&[edge, zero.shallow_clone()], 0)

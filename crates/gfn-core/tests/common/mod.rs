@@ -1,21 +1,33 @@
 //! Shared helpers of the core integration tests: exact optimal flows computed by enumeration.
 #![allow(dead_code)]
 
-use gfn_core::env::{Environment, HyperGrid, HyperGridConfig, RewardPreset};
+use gfn_core::env::{BitSeqConfig, Environment, HyperGrid, HyperGridConfig, RewardPreset, Termination};
 use gfn_core::estimators::Estimators;
-use gfn_core::truth::all_states;
+use gfn_core::truth::{all_states, can_terminate};
 use tch::Tensor;
 
 pub fn grid(dim: usize, height: usize, r0: f64) -> HyperGrid {
     HyperGrid::new(HyperGridConfig {
-        r0,
+        r0: Some(r0),
         ..HyperGridConfig::new(dim, height, RewardPreset::Standard)
     })
     .unwrap()
 }
 
+/// A bit-sequence setting small enough to enumerate: 8 bits in words of `k`, 3 modes.
+pub fn small_bitseq(k: usize) -> BitSeqConfig {
+    BitSeqConfig {
+        n: 8,
+        k,
+        modes: 3,
+        beta: 3.0,
+        mode_threshold: 2,
+        ..BitSeqConfig::default()
+    }
+}
+
 /// A flow-consistent solution for a given backward policy, by enumeration in reverse
-/// topological order: F(s) = R(s) + Σ_children F(c) P_B(s | c).
+/// topological order: F(s) = R(s)·[a trajectory can end at s] + Σ_children F(c) P_B(s | c).
 pub struct OptimalFlows {
     /// log P_B(parent via b | s), `n_states × n_back` (−inf where not allowed).
     pub log_pb: Vec<f64>,
@@ -32,14 +44,22 @@ pub fn optimal_flows(
     pb_weights: impl Fn(usize, usize) -> f64,
 ) -> OptimalFlows {
     let states = all_states(env).unwrap();
+    let enumeration = env.enumeration().unwrap();
     let (d, na, nb) = (env.state_dim(), env.n_actions(), env.n_backward_actions());
+    let exit = match env.termination() {
+        Termination::ExitAction(a) => Some(a),
+        Termination::WhenComplete => None,
+    };
     let n = states.len() / d;
     let mut fmask = vec![false; n * na];
     env.forward_masks(&states, &mut fmask);
     let mut bmask = vec![false; n * nb];
     env.backward_masks(&states, &mut bmask);
-    let mut log_r = vec![0f32; n];
-    env.log_reward(&states, &mut log_r);
+    let terminal = can_terminate(env, &states);
+    let mut log_r = vec![f32::NEG_INFINITY; n];
+    for i in (0..n).filter(|&i| terminal[i]) {
+        env.log_reward(&states[i * d..(i + 1) * d], &mut log_r[i..i + 1]);
+    }
     let mut pb = vec![0f64; n * nb];
     for i in 0..n {
         let total: f64 = (0..nb)
@@ -53,29 +73,34 @@ pub fn optimal_flows(
     let child_of = |i: usize, a: usize| {
         let mut c = states[i * d..(i + 1) * d].to_vec();
         env.step(&mut c, &[a]);
-        env.state_index(&c)
+        enumeration.state_index(&c)
+    };
+    let allowed = &fmask;
+    let moves = |i: usize| (0..na).filter(move |&a| allowed[i * na + a] && Some(a) != exit);
+    let edge = |flow: &[f64], i: usize, a: usize| {
+        let c = child_of(i, a);
+        flow[c] * pb[c * nb + env.backward_action_of(&states[i * d..(i + 1) * d], a)]
     };
     let mut flow = vec![0f64; n];
     for i in (0..n).rev() {
         let mut f = (log_r[i] as f64).exp();
-        for a in (0..na - 1).filter(|&a| fmask[i * na + a]) {
-            let c = child_of(i, a);
-            f += flow[c] * pb[c * nb + env.backward_action_of(&states[i * d..(i + 1) * d], a)];
+        for a in moves(i) {
+            f += edge(&flow, i, a);
         }
         flow[i] = f;
     }
     let mut log_pf = vec![f64::NEG_INFINITY; n * na];
     let mut log_edge_flow = vec![f64::NEG_INFINITY; n * na];
     for i in 0..n {
-        for a in (0..na - 1).filter(|&a| fmask[i * na + a]) {
-            let c = child_of(i, a);
-            let edge =
-                flow[c] * pb[c * nb + env.backward_action_of(&states[i * d..(i + 1) * d], a)];
-            log_edge_flow[i * na + a] = edge.ln();
-            log_pf[i * na + a] = (edge / flow[i]).ln();
+        for a in moves(i) {
+            let e = edge(&flow, i, a);
+            log_edge_flow[i * na + a] = e.ln();
+            log_pf[i * na + a] = (e / flow[i]).ln();
         }
-        log_edge_flow[i * na + na - 1] = log_r[i] as f64;
-        log_pf[i * na + na - 1] = log_r[i] as f64 - flow[i].ln();
+        if let Some(exit) = exit.filter(|_| terminal[i]) {
+            log_edge_flow[i * na + exit] = log_r[i] as f64;
+            log_pf[i * na + exit] = log_r[i] as f64 - flow[i].ln();
+        }
     }
     OptimalFlows {
         log_pb: pb

@@ -1,9 +1,11 @@
-//! Evaluation against the exact target: the learned terminating distribution computed exactly
-//! by propagating P_F over the DAG, and the empirical distribution of freshly sampled states.
+//! Evaluation against the exact target (enumerable environments): the learned terminating
+//! distribution computed exactly by propagating P_F over the DAG, and the empirical
+//! distribution of freshly sampled states.
 
-use crate::env::Environment;
+use crate::env::{exit_action, Environment};
 use crate::estimators::Estimators;
 use crate::truth::{all_states, GroundTruth};
+use super::{EvalContext, Metric, Values};
 use crate::Result;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,8 @@ pub fn forward_policy_table(env: &dyn Environment, estimators: &Estimators) -> R
     Ok(table)
 }
 
+/// Appends the masked softmax of one row; a row with no allowed action (a complete state)
+/// appends zeros.
 fn softmax_masked(logits: &[f32], mask: &[bool], out: &mut Vec<f64>) {
     let max = logits
         .iter()
@@ -55,35 +59,44 @@ fn softmax_masked(logits: &[f32], mask: &[bool], out: &mut Vec<f64>) {
             .map(|(&l, &m)| if m { (l as f64 - max).exp() } else { 0.0 }),
     );
     let total: f64 = out[start..].iter().sum();
-    out[start..].iter_mut().for_each(|p| *p /= total);
+    if total > 0.0 {
+        out[start..].iter_mut().for_each(|p| *p /= total);
+    }
 }
 
 /// The exact probability of terminating in each state under `policy` (from
-/// [`forward_policy_table`]): one pass in index order, which is topological.
+/// [`forward_policy_table`]): one pass in index order, which is topological. A state ends a
+/// trajectory with the policy's exit probability, or, without an exit action, always once
+/// complete (a row with no allowed action).
 pub fn exact_terminating_distribution(env: &dyn Environment, policy: &[f64]) -> Vec<f64> {
-    let (d, n_actions, exit) = (env.state_dim(), env.n_actions(), env.exit_action());
+    let (d, n_actions, exit) = (env.state_dim(), env.n_actions(), exit_action(env));
+    let enumeration = env.enumeration().expect("a policy table implies enumeration");
     let n = policy.len() / n_actions;
     let mut reach = vec![0f64; n];
     let mut terminate = vec![0f64; n];
     let mut s0 = vec![0i64; d];
     env.initial_state(&mut s0);
-    reach[env.state_index(&s0)] = 1.0;
+    reach[enumeration.state_index(&s0)] = 1.0;
     let (mut state, mut child) = (vec![0i64; d], vec![0i64; d]);
     for i in 0..n {
         if reach[i] == 0.0 {
             continue;
         }
         let row = &policy[i * n_actions..(i + 1) * n_actions];
-        terminate[i] = reach[i] * row[exit];
-        env.state_from_index(i, &mut state);
+        terminate[i] = match exit {
+            Some(exit) => reach[i] * row[exit],
+            None if row.iter().all(|&p| p == 0.0) => reach[i],
+            None => 0.0,
+        };
+        enumeration.state_from_index(i, &mut state);
         for (a, &p) in row
             .iter()
             .enumerate()
-            .filter(|&(a, &p)| a != exit && p > 0.0)
+            .filter(|&(a, &p)| Some(a) != exit && p > 0.0)
         {
             child.copy_from_slice(&state);
             env.step(&mut child, &[a]);
-            reach[env.state_index(&child)] += reach[i] * p;
+            reach[enumeration.state_index(&child)] += reach[i] * p;
         }
     }
     terminate
@@ -97,22 +110,23 @@ pub fn sample_terminal_counts(
     n: usize,
     rng: &mut impl Rng,
 ) -> Vec<u64> {
-    let (d, n_actions, exit) = (env.state_dim(), env.n_actions(), env.exit_action());
+    let (d, n_actions, exit) = (env.state_dim(), env.n_actions(), exit_action(env));
+    let enumeration = env.enumeration().expect("a policy table implies enumeration");
     let mut counts = vec![0u64; policy.len() / n_actions];
     let mut state = vec![0i64; d];
     for _ in 0..n {
         env.initial_state(&mut state);
         loop {
-            let i = env.state_index(&state);
+            let i = enumeration.state_index(&state);
             let row = &policy[i * n_actions..(i + 1) * n_actions];
+            // Rounding can leave `u` past the last cumulative value: fall back to the last
+            // action with probability mass. A row without any is a complete state.
+            let Some(mut action) = row.iter().rposition(|&p| p > 0.0) else {
+                counts[i] += 1;
+                break;
+            };
             let u: f64 = rng.gen();
             let mut acc = 0.0;
-            // Rounding can leave `u` past the last cumulative value: fall back to the last
-            // action with probability mass.
-            let mut action = row
-                .iter()
-                .rposition(|&p| p > 0.0)
-                .expect("every state allows an action");
             for (a, &p) in row.iter().enumerate() {
                 acc += p;
                 if u < acc && p > 0.0 {
@@ -120,7 +134,7 @@ pub fn sample_terminal_counts(
                     break;
                 }
             }
-            if action == exit {
+            if Some(action) == exit {
                 counts[i] += 1;
                 break;
             }
@@ -191,47 +205,38 @@ pub fn evaluate_policy(
     })
 }
 
-/// Distinct modes among the terminal states seen so far.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModeTracker {
-    found: Vec<bool>,
-    count: usize,
+/// l1, tv, kl, jsd (sampled), exact_tv, exact_kl and true_log_z.
+pub struct ExactDistribution {
+    samples: usize,
 }
 
-impl ModeTracker {
-    pub fn new(n_states: usize) -> Self {
-        ModeTracker {
-            found: vec![false; n_states],
-            count: 0,
-        }
+impl ExactDistribution {
+    /// `samples` terminal states drawn for the sampled distances.
+    pub fn new(samples: usize) -> Self {
+        ExactDistribution { samples }
+    }
+}
+
+impl Metric for ExactDistribution {
+    fn name(&self) -> &'static str {
+        "exact"
     }
 
-    pub fn observe(&mut self, truth: &GroundTruth, terminal_states: impl Iterator<Item = usize>) {
-        for i in terminal_states {
-            if truth.is_mode[i] && !self.found[i] {
-                self.found[i] = true;
-                self.count += 1;
-            }
-        }
-    }
-
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
-    /// Restores a tracker from [`ModeTracker::found_indices`].
-    pub fn restore(n_states: usize, found: &[usize]) -> Option<Self> {
-        let mut tracker = ModeTracker::new(n_states);
-        for &i in found {
-            *tracker.found.get_mut(i)? = true;
-        }
-        tracker.count = tracker.found.iter().filter(|&&f| f).count();
-        Some(tracker)
-    }
-
-    /// Indices of the modes found, for checkpoints.
-    pub fn found_indices(&self) -> Vec<usize> {
-        (0..self.found.len()).filter(|&i| self.found[i]).collect()
+    fn compute(&mut self, ctx: &mut EvalContext) -> Result<Values> {
+        let truth = ctx.truth.expect("built only where the truth is known");
+        let d = evaluate_policy(ctx.env, ctx.estimators, truth, self.samples, &mut ctx.rng)?;
+        Ok([
+            ("l1", d.l1),
+            ("tv", d.tv),
+            ("kl", d.kl),
+            ("jsd", d.jsd),
+            ("exact_tv", d.exact_tv),
+            ("exact_kl", d.exact_kl),
+            ("true_log_z", truth.log_z),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect())
     }
 }
 

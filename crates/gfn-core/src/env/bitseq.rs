@@ -1,0 +1,168 @@
+//! gfnx's bitseq (non-autoregressive BitSequence): a sequence of n / k words of k bits starts
+//! empty; a forward action writes one word at one empty position (action `p · 2^k + w`), a
+//! backward action empties one written position; the trajectory ends, with no exit action,
+//! when every position is written. The reward is the motif one of [`super::motifs`].
+
+use super::motifs::{BitReward, BitSeqConfig, EMPTY};
+use super::{Enumerable, Environment, Modes, Termination, TokenLayout, Tokenized};
+use crate::Result;
+
+#[derive(Debug, Clone)]
+pub struct BitSeq {
+    reward: BitReward,
+}
+
+impl BitSeq {
+    pub fn new(config: BitSeqConfig) -> Result<Self> {
+        Ok(BitSeq {
+            reward: BitReward::new(config, usize::saturating_mul)?,
+        })
+    }
+
+    pub fn config(&self) -> &BitSeqConfig {
+        &self.reward.config
+    }
+}
+
+impl Environment for BitSeq {
+    fn describe(&self) -> String {
+        let c = &self.reward.config;
+        format!("bitseq n={} k={} modes={}", c.n, c.k, self.reward.modes.len())
+    }
+    fn state_dim(&self) -> usize {
+        self.reward.length
+    }
+    fn n_actions(&self) -> usize {
+        self.reward.length * self.reward.choices
+    }
+    fn n_backward_actions(&self) -> usize {
+        self.reward.length
+    }
+    fn termination(&self) -> Termination {
+        Termination::WhenComplete
+    }
+    fn max_trajectory_length(&self) -> usize {
+        self.reward.length + 1
+    }
+
+    fn initial_state(&self, out: &mut [i64]) {
+        out.fill(EMPTY);
+    }
+
+    fn step(&self, states: &mut [i64], actions: &[usize]) {
+        let (length, choices) = (self.reward.length, self.reward.choices);
+        for (state, &a) in states.chunks_exact_mut(length).zip(actions) {
+            debug_assert_eq!(state[a / choices], EMPTY, "writes an empty position");
+            state[a / choices] = (a % choices) as i64;
+        }
+    }
+
+    fn backward_step(&self, states: &mut [i64], actions: &[usize]) {
+        for (state, &p) in states.chunks_exact_mut(self.reward.length).zip(actions) {
+            state[p] = EMPTY;
+        }
+    }
+
+    fn backward_action_of(&self, _parent: &[i64], forward_action: usize) -> usize {
+        forward_action / self.reward.choices
+    }
+
+    fn forward_action_of(&self, child: &[i64], backward_action: usize) -> usize {
+        backward_action * self.reward.choices + child[backward_action] as usize
+    }
+
+    fn forward_masks(&self, states: &[i64], out: &mut [bool]) {
+        let (length, choices) = (self.reward.length, self.reward.choices);
+        for (state, mask) in states
+            .chunks_exact(length)
+            .zip(out.chunks_exact_mut(length * choices))
+        {
+            for (&w, allowed) in state.iter().zip(mask.chunks_exact_mut(choices)) {
+                allowed.fill(w == EMPTY);
+            }
+        }
+    }
+
+    fn backward_masks(&self, states: &[i64], out: &mut [bool]) {
+        for (m, &w) in out.iter_mut().zip(states) {
+            *m = w != EMPTY;
+        }
+    }
+
+    fn log_reward(&self, states: &[i64], out: &mut [f32]) {
+        self.reward.log_rewards(states, out);
+    }
+
+    fn encoding_dim(&self) -> usize {
+        self.reward.length * (self.reward.choices + 1)
+    }
+
+    fn encode(&self, states: &[i64], out: &mut [f32]) {
+        self.reward.encode(states, out);
+    }
+
+    fn enumeration(&self) -> Option<&dyn Enumerable> {
+        Some(self)
+    }
+    fn tokens(&self) -> Option<&dyn Tokenized> {
+        Some(self)
+    }
+    fn modes(&self) -> Option<&dyn Modes> {
+        Some(self)
+    }
+    fn test_set(&self) -> Option<Vec<i64>> {
+        Some(self.reward.test_states())
+    }
+}
+
+impl Enumerable for BitSeq {
+    fn n_states(&self) -> Option<u64> {
+        ((self.reward.choices + 1) as u64).checked_pow(self.reward.length.try_into().ok()?)
+    }
+    fn state_index(&self, state: &[i64]) -> usize {
+        self.reward.index(state)
+    }
+    fn state_from_index(&self, index: usize, out: &mut [i64]) {
+        self.reward.from_index(index, out);
+    }
+}
+
+/// gfnx's layout: BOS, then one token per position; position p's output gives the logits of
+/// writing each word there, and the logit of emptying it.
+impl Tokenized for BitSeq {
+    fn length(&self) -> usize {
+        self.reward.length + 1
+    }
+    fn vocab(&self) -> usize {
+        self.reward.choices + 2
+    }
+    fn tokenize(&self, states: &[i64], out: &mut [i64]) {
+        self.reward.tokenize(states, out);
+    }
+    fn forward_layout(&self) -> Option<TokenLayout> {
+        Some(TokenLayout {
+            first: 1,
+            positions: self.reward.length,
+            choices: self.reward.choices,
+        })
+    }
+    fn backward_layout(&self) -> Option<TokenLayout> {
+        Some(TokenLayout {
+            first: 1,
+            positions: self.reward.length,
+            choices: 1,
+        })
+    }
+}
+
+impl Modes for BitSeq {
+    fn count(&self) -> u64 {
+        self.reward.modes.len() as u64
+    }
+    fn found_by(&self, x: &[i64], _log_reward: f32, found: &mut Vec<u64>) {
+        self.reward.found_by(x, found);
+    }
+    fn describe(&self) -> String {
+        self.reward.describe_modes()
+    }
+}
