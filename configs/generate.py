@@ -47,7 +47,8 @@ for dim, height in [(4, 8), (2, 64)]:
             write("tb-paper", name,
                   f"Trajectory-balance paper: HyperGrid {dim}x{height}, R0 = {r0}, {loss.upper()}"
                   + (f", {pb} P_B." if pb else "."),
-                  {"env": {"dim": dim, "height": height, "r0": r0, "r1": 0.5, "r2": 2.0},
+                  {"env": {"name": "hypergrid", "dim": dim, "height": height, "r0": r0, "r1": 0.5,
+                           "r2": 2.0},
                    "model": model, "loss": loss_section(loss), "sampling": {"batch_size": 16},
                    "train": {"steps": 62500, "validate_every": 2500}})
 
@@ -58,7 +59,8 @@ for dim in [2, 4]:
         for loss in ["tb", "db", "subtb"]:
             write("subtb-paper", f"hypergrid-{dim}x12-r0-{r0:g}-{loss}",
                   f"Sub-trajectory-balance paper: HyperGrid {dim}x12, R0 = {r0:g}, {loss.upper()}.",
-                  {"env": {"dim": dim, "height": 12, "r0": r0, "r1": 0.5, "r2": 2.0},
+                  {"env": {"name": "hypergrid", "dim": dim, "height": 12, "r0": r0, "r1": 0.5,
+                           "r2": 2.0},
                    "loss": loss_section(loss), "sampling": {"batch_size": 16},
                    "train": {"steps": 62500, "validate_every": 2500}})
 
@@ -66,7 +68,8 @@ for dim in [2, 4]:
 for loss in ["tb", "db", "subtb"]:
     write("gfnx", f"hypergrid-4x20-easy-{loss}",
           f"gfnx baseline: HyperGrid 4x20, easy rewards, {loss.upper()}.",
-          {"env": {"dim": 4, "height": 20, "preset": "easy"}, "loss": loss_section(loss),
+          {"env": {"name": "hypergrid", "dim": 4, "height": 20, "preset": "easy"},
+           "loss": loss_section(loss),
            "sampling": {"batch_size": 16},
            "train": {"steps": 100000, "validate_every": 5000, "eval_samples": 200000}})
 
@@ -75,7 +78,30 @@ for dim in [2, 4]:
     for loss in ["tb", "db", "subtb"]:
         write("sweep", f"hypergrid-{dim}x8-{loss}",
               f"Sweep setting: HyperGrid {dim}x8, R0 = 0.1, {loss.upper()}, 3000 steps.",
-              {"env": {"dim": dim, "height": 8}, "loss": loss_section(loss),
+              {"env": {"name": "hypergrid", "dim": dim, "height": 8}, "loss": loss_section(loss),
                "sampling": {"batch_size": 16},
                "train": {"steps": 3000, "validate_every": 250, "eval_samples": 20000,
                          "checkpoint_every": 0}})
+
+# gfnx's bitseq baselines (baselines/configs/{tb,db,subtb}_bitseq.yaml): n = 120, k = 8, 60
+# modes, beta = 3, a Transformer of 3 layers, 8 heads and width 64 with a uniform P_B
+# (train_backward: false), 50,000 steps of 16, AdamW (weight decay 1e-5), epsilon = 1e-3;
+# TB and DB at lr 1e-3 (log Z at 5e-2), SubTB at 5e-4 with lambda = 1.9. Evaluations every
+# 1000 steps (DB: 2000), with the test-set correlation over 10 backward trajectories per state.
+for loss, lr, every in [("tb", 1e-3, 1000), ("db", 1e-3, 2000), ("subtb", 5e-4, 1000)]:
+    section = {"name": loss}
+    if loss == "subtb":
+        section.update(subtb_lambda=1.9, subtb_weighting="geometric_within")
+    optim = {"name": "adamw", "lr": lr, "weight_decay": 1e-5}
+    if loss == "tb":
+        optim["lr_log_z"] = 5e-2
+    write("gfnx", f"bitseq-120x8-{loss}",
+          f"gfnx baseline: bitseq n = 120, k = 8, 60 modes, beta = 3, Transformer, {loss.upper()}.",
+          {"env": {"name": "bitseq", "n": 120, "k": 8, "modes": 60, "beta": 3.0,
+                   "mode_threshold": 30},
+           "model": {"architecture": "transformer", "backward": "uniform"},
+           "model.transformer": {"layers": 3, "heads": 8, "width": 64, "ff": 64},
+           "loss": section, "optim": optim,
+           "sampling": {"batch_size": 16, "epsilon": 1e-3},
+           "train": {"steps": 50000, "validate_every": every, "checkpoint_every": 5000},
+           "metrics": {"test_rounds": 10}})

@@ -37,7 +37,10 @@ fn measure(clients: usize, seconds: f64, batch: usize) -> Row {
         store: StoreConfig {
             capacity: 100_000,
             policy: Policy::Prioritized,
-            mode_log_reward: Some(3.0),
+            // Items of log-reward 3.0 or more are modes, one per key.
+            modes: Some(std::sync::Arc::new(|item: &gfn_buffer::protocol::Item| {
+                if item.log_reward >= 3.0 { vec![item.key] } else { Vec::new() }
+            })),
         },
         token,
         trainers: (0..clients as u32).collect(),

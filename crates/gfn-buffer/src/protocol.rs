@@ -11,7 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted before the hello is accepted (a hello is about 50 bytes).
 pub const HELLO_FRAME_LIMIT: usize = 256;
 /// Largest frame accepted from an authenticated peer.
@@ -76,8 +76,8 @@ pub struct Hello {
 }
 
 /// One trajectory: `states` holds its states as rows of `state_dim` coordinates, `actions[i]`
-/// the forward action taken from state `i` (the exit action last); `key` identifies the
-/// terminal state (unique-state policy, modes).
+/// the forward action taken from state `i` (the exit action, or none, last); `key` is a hash
+/// of the terminal state's coordinates (the unique-state policy keeps one item per key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     pub key: u64,
@@ -148,9 +148,9 @@ pub struct ServerStats {
     pub samples_per_s: f64,
     /// Percentiles 0, 1, ..., 100 of the stored log-rewards (empty while the buffer is empty).
     pub log_reward_percentiles: Vec<f32>,
-    /// Keys of the distinct mode states among everything received (at most `MAX_MODE_KEYS`).
+    /// Ids of the distinct modes found among everything received (at most `MAX_MODE_KEYS`).
     pub mode_keys: Vec<u64>,
-    /// Distinct mode states received, even beyond the keys listed.
+    /// Distinct modes found, even beyond the ids listed.
     pub modes_found: u64,
     /// Training connections open now.
     pub trainers: u32,
@@ -243,9 +243,9 @@ mod tests {
     #[test]
     fn another_version_is_named() {
         let mut h = hello();
-        h.version = 2;
+        h.version = 1;
         let err = decode_hello(&encode(&h)).unwrap_err();
-        assert!(err.contains("protocol version 2"), "{err}");
+        assert!(err.contains("protocol version 1"), "{err}");
     }
 
     #[test]

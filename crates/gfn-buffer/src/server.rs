@@ -109,7 +109,7 @@ impl Server {
     async fn run(self, config: ServerConfig) -> std::io::Result<ServeReport> {
         let listener = tokio::net::TcpListener::from_std(self.listener)?;
         let shared = Arc::new(Shared {
-            store: Mutex::new((Store::new(config.store), StdRng::from_entropy())),
+            store: Mutex::new((Store::new(config.store.clone()), StdRng::from_entropy())),
             config,
             sessions: Mutex::new(Sessions::default()),
             changed: Notify::new(),

@@ -5,6 +5,7 @@ use crate::protocol::{Item, ServerStats, MAX_MODE_KEYS};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -32,12 +33,25 @@ impl std::str::FromStr for Policy {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The ids of the modes an item's terminal state finds, under its environment's criterion.
+pub type ModeIds = Arc<dyn Fn(&Item) -> Vec<u64> + Send + Sync>;
+
+#[derive(Clone)]
 pub struct StoreConfig {
     pub capacity: usize,
     pub policy: Policy,
-    /// Items with at least this log-reward are modes (counted by key); `None`: not counted.
-    pub mode_log_reward: Option<f32>,
+    /// Counts the distinct modes among the items received; `None`: not counted.
+    pub modes: Option<ModeIds>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("capacity", &self.capacity)
+            .field("policy", &self.policy)
+            .field("modes", &self.modes.is_some())
+            .finish()
+    }
 }
 
 /// Sums over slot weights in a complete binary tree, so that updating one slot and drawing a
@@ -109,12 +123,14 @@ const REBASE_MARGIN: f32 = 60.0;
 
 impl Store {
     pub fn new(config: StoreConfig) -> Self {
+        let weights =
+            (config.policy == Policy::Prioritized).then(|| SumTree::new(config.capacity));
         Store {
             config,
             items: Vec::new(),
             next: 0,
             held: HashMap::new(),
-            weights: (config.policy == Policy::Prioritized).then(|| SumTree::new(config.capacity)),
+            weights,
             reference: f32::NAN,
             received: 0,
             duplicates: 0,
@@ -132,10 +148,8 @@ impl Store {
 
     pub fn push(&mut self, item: Item) {
         self.received += 1;
-        if let Some(threshold) = self.config.mode_log_reward {
-            if item.log_reward >= threshold {
-                self.modes.insert(item.key);
-            }
+        if let Some(modes) = &self.config.modes {
+            self.modes.extend(modes(&item));
         }
         if self.config.capacity == 0 {
             return;
@@ -250,7 +264,10 @@ mod tests {
         Store::new(StoreConfig {
             capacity,
             policy,
-            mode_log_reward: Some(1.0),
+            // Items of log-reward 1.0 or more are modes, one per key.
+            modes: Some(std::sync::Arc::new(|item: &Item| {
+                if item.log_reward >= 1.0 { vec![item.key] } else { Vec::new() }
+            })),
         })
     }
 

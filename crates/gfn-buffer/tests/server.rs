@@ -32,7 +32,10 @@ fn start_with(
         store: StoreConfig {
             capacity: 1000,
             policy,
-            mode_log_reward: Some(1.0),
+            // Items of log-reward 1.0 or more are modes, one per key.
+            modes: Some(std::sync::Arc::new(|item: &gfn_buffer::protocol::Item| {
+                if item.log_reward >= 1.0 { vec![item.key] } else { Vec::new() }
+            })),
         },
         token: TOKEN,
         trainers: (0..trainers).collect(),

@@ -3,9 +3,10 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use gfn_buffer::store::Policy as BufferPolicy;
-use gfn_core::env::{HyperGridConfig, RewardPreset};
-use gfn_core::estimators::{Architecture, BackwardPolicy};
+use gfn_core::env::EnvConfig;
+use gfn_core::estimators::{Architecture, BackwardPolicy, TransformerConfig};
 use gfn_core::losses::{LossConfig, LossKind, SubTbWeighting};
+use gfn_core::metrics::MetricsConfig;
 use gfn_core::optim::{OptimizerConfig, OptimizerKind};
 use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
@@ -16,7 +17,7 @@ use tch::Device;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    pub env: EnvSection,
+    pub env: EnvConfig,
     pub model: ModelSection,
     pub loss: LossSection,
     pub optim: OptimSection,
@@ -25,6 +26,7 @@ pub struct Config {
     pub train: TrainSection,
     pub ddp: DdpSection,
     pub buffer: BufferSection,
+    pub metrics: MetricsConfig,
     pub wandb: WandbSection,
 }
 
@@ -91,40 +93,12 @@ impl Default for DdpSection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EnvSection {
-    /// Only "hypergrid" for now.
-    pub name: String,
-    pub dim: usize,
-    pub height: usize,
-    /// standard (0.1, 0.5, 2.0), easy (1e-3, 0.5, 2.0) or hard (1e-4, 1.0, 3.0).
-    pub preset: RewardPreset,
-    /// Explicit R0/R1/R2 override the preset's.
-    pub r0: Option<f64>,
-    pub r1: Option<f64>,
-    pub r2: Option<f64>,
-}
-
-impl Default for EnvSection {
-    fn default() -> Self {
-        EnvSection {
-            name: "hypergrid".into(),
-            dim: 4,
-            height: 8,
-            preset: RewardPreset::Standard,
-            r0: None,
-            r1: None,
-            r2: None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ArchitectureName {
     Mlp,
     Tabular,
+    Transformer,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,8 +108,10 @@ pub struct ModelSection {
     pub hidden: usize,
     /// Hidden layers.
     pub layers: usize,
-    /// learned, tied (shares the forward trunk) or uniform.
+    /// learned, tied (shares the forward body) or uniform.
     pub backward: BackwardPolicy,
+    /// The Transformer's size (architecture = "transformer").
+    pub transformer: TransformerConfig,
 }
 
 impl Default for ModelSection {
@@ -145,6 +121,7 @@ impl Default for ModelSection {
             hidden: 256,
             layers: 2,
             backward: BackwardPolicy::Learned,
+            transformer: TransformerConfig::default(),
         }
     }
 }
@@ -251,7 +228,7 @@ pub struct TrainSection {
     pub threads: usize,
     /// Evaluate every this many steps (and at the end); 0: only at the end.
     pub validate_every: u64,
-    /// Terminal states sampled for the empirical metrics.
+    /// Terminal states sampled for the sampled distances to the exact target.
     pub eval_samples: usize,
     /// Training scalars (loss, speed) go to TensorBoard every this many steps; 0: never.
     pub log_every: u64,
@@ -289,7 +266,12 @@ impl Config {
         Self::from_value(value, origin)
     }
 
-    fn from_value(value: toml::Value, origin: &str) -> Result<Self> {
+    fn from_value(mut value: toml::Value, origin: &str) -> Result<Self> {
+        // An `[env]` section without a name is HyperGrid's (configurations written before
+        // there were other environments).
+        if let Some(env) = value.get_mut("env").and_then(toml::Value::as_table_mut) {
+            env.entry("name").or_insert_with(|| "hypergrid".into());
+        }
         serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             anyhow!(
@@ -307,24 +289,39 @@ impl Config {
 
     /// Applies `section.key=value` overrides. Values are TOML (numbers, booleans, strings);
     /// anything that does not parse as TOML is taken as a string.
+    ///
+    /// `env.name` goes first: naming another environment starts its section afresh (its own
+    /// keys and defaults), so that `--set env.name=bitseq --set env.n=64` works from any config.
     pub fn with_overrides(&self, overrides: &[String]) -> Result<Self> {
         let mut root = toml::Value::try_from(self).context("serialising the configuration")?;
-        for item in overrides {
-            let (key, raw) = item
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--set {item:?}: expected key=value, e.g. loss.name=db"))?;
-            let key = key.trim();
+        let mut parsed = overrides
+            .iter()
+            .map(|item| {
+                let (key, raw) = item.split_once('=').ok_or_else(|| {
+                    anyhow!("--set {item:?}: expected key=value, e.g. loss.name=db")
+                })?;
+                Ok((key.trim(), raw))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        parsed.sort_by_key(|&(key, _)| key != "env.name");
+        for (key, raw) in parsed {
             let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            if key == "env.name" && root.get("env").and_then(|e| e.get("name")) != Some(&value) {
+                let mut fresh = toml::Table::new();
+                fresh.insert("name".into(), value);
+                root["env"] = toml::Value::Table(fresh);
+                continue;
+            }
             let mut table = root.as_table_mut().expect("the config is a table");
             let parts: Vec<&str> = key.split('.').collect();
             for part in &parts[..parts.len() - 1] {
                 table = table
                     .get_mut(*part)
                     .and_then(|v| v.as_table_mut())
-                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train, ddp, buffer, wandb)"))?;
+                    .ok_or_else(|| anyhow!("--set {key}: unknown section `{part}` (sections: env, model, loss, optim, sampling, replay, train, ddp, buffer, metrics, wandb)"))?;
             }
             table.insert(parts[parts.len() - 1].to_string(), value);
         }
@@ -335,23 +332,6 @@ impl Config {
         toml::to_string_pretty(self).expect("the configuration serialises")
     }
 
-    pub fn env(&self) -> Result<HyperGridConfig> {
-        if self.env.name != "hypergrid" {
-            bail!(
-                "invalid env.name = {:?}: the available environment is \"hypergrid\"",
-                self.env.name
-            );
-        }
-        let (r0, r1, r2) = self.env.preset.constants();
-        Ok(HyperGridConfig {
-            dim: self.env.dim,
-            height: self.env.height,
-            r0: self.env.r0.unwrap_or(r0),
-            r1: self.env.r1.unwrap_or(r1),
-            r2: self.env.r2.unwrap_or(r2),
-        })
-    }
-
     pub fn train_config(&self) -> Result<TrainConfig> {
         let m = &self.model;
         let architecture = match m.architecture {
@@ -360,6 +340,7 @@ impl Config {
                 layers: m.layers,
             },
             ArchitectureName::Tabular => Architecture::Tabular,
+            ArchitectureName::Transformer => Architecture::Transformer(m.transformer),
         };
         let o = &self.optim;
         let s = &self.sampling;
@@ -399,6 +380,8 @@ impl Config {
             },
             seed: self.train.seed,
             threads: self.train.threads,
+            exact_samples: self.train.eval_samples,
+            metrics: self.metrics.clone(),
         };
         config.validate()?;
         Ok(config)
@@ -452,9 +435,12 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(c.loss.name, LossKind::Subtb);
-        assert_eq!(c.env.height, 16);
+        let EnvConfig::Hypergrid(grid) = c.env else {
+            panic!("still a grid: {:?}", c.env)
+        };
+        assert_eq!(grid.height, 16);
         assert_eq!(c.optim.lr, 3e-4);
-        assert_eq!(c.env().unwrap().r0, 1e-3);
+        assert_eq!(grid.constants().0, 1e-3);
     }
 
     #[test]
@@ -495,7 +481,7 @@ mod tests {
                         &path.display().to_string(),
                     )
                     .unwrap();
-                    config.env().unwrap();
+                    config.env.build().unwrap();
                     config.train_config().unwrap();
                     *seen += 1;
                 }

@@ -10,7 +10,7 @@ mod sweep;
 mod tensorboard;
 mod wandb;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use config::Config;
 use gfn_ddp::launch_env::RankInfo;
@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// Train (defaults: HyperGrid 4x8, trajectory balance, MLP 2x256, batch 16).
     Train(TrainArgs),
-    /// Measure steps/s and trajectories/s over grids, batch sizes and losses.
+    /// Measure steps/s and trajectories/s over environments, batch sizes and losses.
     Bench(BenchArgs),
     /// Train every config with every seed, then tabulate final metrics (mean ± std over seeds).
     Sweep(SweepArgs),
@@ -98,9 +98,9 @@ struct SweepArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Grids as DxH.
-    #[arg(long, value_delimiter = ',', default_value = "4x8,2x64")]
-    grids: Vec<String>,
+    /// Environments as NAME[:KEY=VALUE,...], e.g. hypergrid:dim=2,height=64 or bitseq:n=120.
+    #[arg(long = "env", value_name = "SPEC", num_args = 1.., default_values_t = ["hypergrid:dim=4,height=8".to_string(), "hypergrid:dim=2,height=64".to_string()])]
+    envs: Vec<String>,
     #[arg(long, value_delimiter = ',', default_value = "16,128")]
     batches: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "tb,db,subtb")]
@@ -119,18 +119,6 @@ struct BenchArgs {
     /// Also write the rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-fn parse_grid(text: &str) -> Result<(usize, usize)> {
-    let (d, h) = text
-        .split_once('x')
-        .ok_or_else(|| anyhow!("invalid --grids entry {text:?}: expected DxH, e.g. 4x8"))?;
-    Ok((
-        d.parse()
-            .with_context(|| format!("invalid --grids entry {text:?}"))?,
-        h.parse()
-            .with_context(|| format!("invalid --grids entry {text:?}"))?,
-    ))
 }
 
 fn train(args: TrainArgs) -> Result<()> {
@@ -238,11 +226,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         overrides.push(format!("train.device={device:?}"));
     }
     let plan = bench::BenchPlan {
-        grids: args
-            .grids
-            .iter()
-            .map(|g| parse_grid(g))
-            .collect::<Result<_>>()?,
+        envs: args.envs.iter().map(|spec| bench::env_overrides(spec)).collect(),
         batches: args.batches,
         losses: args.losses,
         warmup: args.warmup,

@@ -1,13 +1,17 @@
 //! PNG plots of a run, drawn in Rust with a bundled font (no system fonts needed):
-//! `curves.png` (TV and L1 against steps and against wall-clock time, and the loss) from
-//! `metrics.jsonl`, and `distribution.png`, the exact learned distribution of the checkpoint
-//! beside the true one as heatmaps (2-D grids; for more dimensions, the marginal over the first
+//! `curves.png` from `metrics.jsonl`, a row of two panels (against steps and against wall-clock
+//! time) for each of what the run measured: the distance to the exact target (TV, L1), the
+//! modes found, the test-set Spearman correlation; and the loss. For environments drawn on a
+//! grid (HyperGrid), `distribution.png`: the exact learned distribution of the checkpoint
+//! beside the true one as heatmaps (for more than two dimensions, the marginal over the first
 //! two coordinates), as in Figure 1 of the trajectory-balance paper.
 
 use crate::config::Config;
 use crate::run::{build_state, CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE};
 use anyhow::{anyhow, bail, Context, Result};
-use gfn_core::evaluation::{exact_terminating_distribution, forward_policy_table};
+use gfn_core::metrics::exact::{exact_terminating_distribution, forward_policy_table};
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
@@ -54,8 +58,9 @@ pub fn plot_run(dir: &Path) -> Result<Vec<PathBuf>> {
     curves(&lines, &written[0])?;
     if dir.join(CHECKPOINT_FILE).exists() {
         let path = dir.join(DISTRIBUTION_FILE);
-        distribution(dir, &path)?;
-        written.push(path);
+        if distribution(dir, &path)? {
+            written.push(path);
+        }
     }
     Ok(written)
 }
@@ -75,40 +80,103 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(214, 39, 40),
 ];
 
-/// One panel: `keys` of the metrics against `x`, on a log y axis.
+/// What a row of panels shows: `keys` (metric, legend label) of the metrics.
+struct Quantity {
+    keys: &'static [(&'static str, &'static str)],
+    title: &'static str,
+    log_scale: bool,
+}
+
+const QUANTITIES: [Quantity; 4] = [
+    Quantity {
+        keys: &[
+            ("exact_tv", "exact TV"),
+            ("tv", "TV (sampled)"),
+            ("l1", "L1 (sampled)"),
+        ],
+        title: "distance to the target",
+        log_scale: true,
+    },
+    Quantity {
+        keys: &[("modes_found", "modes found")],
+        title: "modes found",
+        log_scale: false,
+    },
+    Quantity {
+        keys: &[("spearman", "Spearman"), ("pearson", "Pearson")],
+        title: "test-set correlation",
+        log_scale: false,
+    },
+    Quantity {
+        keys: &[("loss", "loss")],
+        title: "training loss",
+        log_scale: true,
+    },
+];
+
+/// One panel: `quantity` against `x`.
 fn panel(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
     lines: &[serde_json::Value],
     x: &str,
     x_label: &str,
-    keys: &[(&str, &str)],
-    title: &str,
+    quantity: &Quantity,
 ) -> Result<()> {
+    let keys = quantity.keys;
+    let title = format!("{} vs {x_label}", quantity.title);
+    let floor = |v: f64| if quantity.log_scale { v.max(1e-9) } else { v };
     let all: Vec<Vec<(f64, f64)>> = keys
         .iter()
         .map(|(k, _)| {
             series(lines, x, k)
                 .into_iter()
-                .map(|(a, b)| (a, b.max(1e-9)))
+                .map(|(a, b)| (a, floor(b)))
                 .collect()
         })
         .collect();
     let points = all.iter().flatten();
     let x_max = points.clone().map(|p| p.0).fold(0.0, f64::max).max(1e-9);
     let y_min = points.clone().map(|p| p.1).fold(f64::INFINITY, f64::min);
-    let y_max = points.map(|p| p.1).fold(0.0, f64::max);
-    let (y_min, y_max) = if y_min.is_finite() && y_max > 0.0 {
-        (y_min / 1.5, y_max * 1.5)
-    } else {
-        (1e-3, 1.0)
-    };
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, (FAMILY, 20))
+    let y_max = points.map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let mut chart = ChartBuilder::on(area);
+    chart
+        .caption(&title, (FAMILY, 20))
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..x_max, (y_min..y_max).log_scale())
-        .map_err(draw_error)?;
+        .y_label_area_size(60);
+    if quantity.log_scale {
+        let (y_min, y_max) = if y_min.is_finite() && y_max > 0.0 {
+            (y_min / 1.5, y_max * 1.5)
+        } else {
+            (1e-3, 1.0)
+        };
+        let chart = chart
+            .build_cartesian_2d(0f64..x_max, (y_min..y_max).log_scale())
+            .map_err(draw_error)?;
+        draw_lines(chart, keys, all, x_label)
+    } else {
+        let (y_min, y_max) = if y_min.is_finite() {
+            let pad = ((y_max - y_min) * 0.1).max(1e-3);
+            (y_min - pad, y_max + pad)
+        } else {
+            (0.0, 1.0)
+        };
+        let chart = chart
+            .build_cartesian_2d(0f64..x_max, y_min..y_max)
+            .map_err(draw_error)?;
+        draw_lines(chart, keys, all, x_label)
+    }
+}
+
+fn draw_lines<'a, Y>(
+    mut chart: ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    keys: &[(&str, &str)],
+    all: Vec<Vec<(f64, f64)>>,
+    x_label: &str,
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
     chart
         .configure_mesh()
         .x_desc(x_label)
@@ -116,6 +184,9 @@ fn panel(
         .draw()
         .map_err(draw_error)?;
     for (i, ((_, label), points)) in keys.iter().zip(all).enumerate() {
+        if points.is_empty() {
+            continue;
+        }
         let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
@@ -136,38 +207,23 @@ fn panel(
 }
 
 fn curves(lines: &[serde_json::Value], path: &Path) -> Result<()> {
-    let root = BitMapBackend::new(path, (1500, 450)).into_drawing_area();
+    // A row for each quantity the run measured; the loss has a panel of its own.
+    let present = |q: &Quantity| q.keys.iter().any(|(k, _)| !series(lines, "step", k).is_empty());
+    let (loss, rows): (Vec<&Quantity>, Vec<&Quantity>) = QUANTITIES
+        .iter()
+        .filter(|q| present(q))
+        .partition(|q| q.keys[0].0 == "loss");
+    let n_rows = rows.len() + loss.len();
+    let root = BitMapBackend::new(path, (1100, 380 * n_rows.max(1) as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_error)?;
-    let areas = root.split_evenly((1, 3));
-    let distances = [
-        ("exact_tv", "exact TV"),
-        ("tv", "TV (sampled)"),
-        ("l1", "L1 (sampled)"),
-    ];
-    panel(
-        &areas[0],
-        lines,
-        "step",
-        "step",
-        &distances,
-        "distance to the target vs steps",
-    )?;
-    panel(
-        &areas[1],
-        lines,
-        "wall_s",
-        "seconds",
-        &distances,
-        "distance to the target vs time",
-    )?;
-    panel(
-        &areas[2],
-        lines,
-        "step",
-        "step",
-        &[("loss", "loss")],
-        "training loss",
-    )?;
+    let areas = root.split_evenly((n_rows.max(1), 2));
+    for (r, quantity) in rows.iter().enumerate() {
+        panel(&areas[2 * r], lines, "step", "steps", quantity)?;
+        panel(&areas[2 * r + 1], lines, "wall_s", "seconds", quantity)?;
+    }
+    if let Some(quantity) = loss.first() {
+        panel(&areas[2 * rows.len()], lines, "step", "steps", quantity)?;
+    }
     root.present().map_err(draw_error)?;
     Ok(())
 }
@@ -220,53 +276,48 @@ fn heatmap(
 }
 
 /// `probabilities` over all states, summed onto the first two coordinates.
-fn marginal(
-    config: &Config,
-    state: &gfn_core::train::TrainState,
-    probabilities: &[f64],
-) -> Vec<f64> {
-    let h = config.env.height;
-    let mut grid = vec![0.0; h * h];
+fn marginal(state: &gfn_core::train::TrainState, side: usize, probabilities: &[f64]) -> Vec<f64> {
+    let enumeration = state.env.enumeration().expect("a grid is enumerable");
+    let mut grid = vec![0.0; side * side];
     let mut coords = vec![0i64; state.env.state_dim()];
     for (index, &p) in probabilities.iter().enumerate() {
-        state.env.state_from_index(index, &mut coords);
-        grid[coords[0] as usize * h + coords[1] as usize] += p;
+        enumeration.state_from_index(index, &mut coords);
+        grid[coords[0] as usize * side + coords[1] as usize] += p;
     }
     grid
 }
 
-fn distribution(dir: &Path, path: &Path) -> Result<()> {
+/// The learned and the true distribution as heatmaps, for environments drawn on a grid whose
+/// truth is known; returns whether it drew them.
+fn distribution(dir: &Path, path: &Path) -> Result<bool> {
     let config = Config::from_file(&dir.join(CONFIG_FILE))?;
-    if config.env.dim < 2 {
-        bail!(
-            "distribution plots need at least 2 dimensions, the run has {}",
-            config.env.dim
-        );
-    }
     let state = build_state(&config, dir, true, Device::Cpu, 0)?;
+    let (Some(side), Some(truth)) = (state.env.grid_side(), state.truth.as_ref()) else {
+        return Ok(false);
+    };
     let policy = forward_policy_table(state.env.as_ref(), &state.estimators)?;
     let learned = exact_terminating_distribution(state.env.as_ref(), &policy);
-    let what = if config.env.dim == 2 {
+    let dims = state.env.state_dim();
+    let what = if dims == 2 {
         String::new()
     } else {
-        format!(" (marginal of x0, x1 over {} dims)", config.env.dim)
+        format!(" (marginal of x0, x1 over {dims} dims)")
     };
     let root = BitMapBackend::new(path, (1000, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_error)?;
     let areas = root.split_evenly((1, 2));
-    let h = config.env.height;
     heatmap(
         &areas[0],
-        &marginal(&config, &state, &learned),
-        h,
+        &marginal(&state, side, &learned),
+        side,
         &format!("learned, step {}{what}", state.step),
     )?;
     heatmap(
         &areas[1],
-        &marginal(&config, &state, &state.truth.probabilities),
-        h,
+        &marginal(&state, side, &truth.probabilities),
+        side,
         &format!("target R(x)/Z{what}"),
     )?;
     root.present().map_err(draw_error)?;
-    Ok(())
+    Ok(true)
 }

@@ -45,12 +45,7 @@ impl Progress {
         eval: Option<&Evaluation>,
     ) {
         let message = || {
-            let eval_part = eval.map_or(String::new(), |e| {
-                format!(
-                    " exact_tv {:.4} modes {}/{}",
-                    e.distribution.exact_tv, e.modes_found, e.n_modes
-                )
-            });
+            let eval_part = eval.map_or(String::new(), |e| format!(" {}", headline(e)));
             format!(
                 "loss {loss:.4} {steps_per_s:.1} steps/s {trajectories_per_s:.0} traj/s{eval_part}"
             )
@@ -75,11 +70,17 @@ impl Progress {
     }
 
     pub fn evaluation(&self, step: u64, eval: &Evaluation) {
-        let d = &eval.distribution;
-        let line = format!(
-            "eval step {step}: l1 {:.4} tv {:.4} kl {:.4} exact_tv {:.4} exact_kl {:.4} modes {}/{} log_z {:.4} (true {:.4})",
-            d.l1, d.tv, d.kl, d.exact_tv, d.exact_kl, eval.modes_found, eval.n_modes, eval.log_z, eval.true_log_z
-        );
+        let shown: Vec<String> = eval
+            .values
+            .iter()
+            .filter(|(k, _)| k.as_str() != "n_modes")
+            .map(|(k, v)| match k.as_str() {
+                "modes_found" => format!("modes {v}/{}", eval.get("n_modes").unwrap_or(f64::NAN)),
+                _ if v.fract() == 0.0 && v.abs() < 1e15 => format!("{k} {v}"),
+                _ => format!("{k} {v:.4}"),
+            })
+            .collect();
+        let line = format!("eval step {step}: {}", shown.join(" "));
         match &self.bar {
             Some(bar) => bar.suspend(|| tracing::info!("{line}")),
             None => tracing::info!("{line}"),
@@ -91,4 +92,20 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// The few values of an evaluation that a progress line has room for: the distance to the
+/// target where it is known, else the test-set correlation, and the modes found.
+fn headline(eval: &Evaluation) -> String {
+    let mut parts = Vec::new();
+    for key in ["exact_tv", "spearman"] {
+        if let Some(v) = eval.get(key) {
+            parts.push(format!("{key} {v:.4}"));
+            break;
+        }
+    }
+    if let (Some(found), Some(n)) = (eval.get("modes_found"), eval.get("n_modes")) {
+        parts.push(format!("modes {found}/{n}"));
+    }
+    parts.join(" ")
 }

@@ -8,15 +8,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use gfn_buffer::client::{Client, ClientConfig};
 use gfn_buffer::protocol::{Item, Role, ServerStats, Token};
 use gfn_buffer::server::{Server, ServerConfig};
-use gfn_buffer::store::StoreConfig;
-use gfn_core::env::{Environment, HyperGrid};
+use gfn_buffer::store::{ModeIds, StoreConfig};
+use gfn_core::env::Environment;
+use gfn_core::metrics::modes::state_hash;
 use gfn_core::train::TrainState;
 use gfn_core::trajectories::Trajectories;
-use gfn_core::truth::GroundTruth;
 use gfn_ddp::comm::ReduceOp;
 use gfn_ddp::world::{Placement, World};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Tensor};
 
@@ -118,16 +119,7 @@ pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
         bail!("invalid buffer.capacity = 0: a buffer rank must hold at least 1 trajectory");
     }
     let placement = world.placement;
-    let env = HyperGrid::new(config.env()?)?;
-    // Modes are counted when the grid can be enumerated, by the trainers' own mode set.
-    // An item is a mode when its log-reward reaches the smallest among the truth's modes.
-    let mode_log_reward = GroundTruth::enumerate(&env).ok().and_then(|truth| {
-        truth
-            .modes
-            .iter()
-            .map(|&m| truth.log_rewards[m] as f32)
-            .min_by(f32::total_cmp)
-    });
+    let env: Arc<dyn Environment> = Arc::from(config.env.build()?);
     let trainers: Vec<u32> = placement
         .trainers_of(placement.rank)
         .into_iter()
@@ -145,7 +137,7 @@ pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
         store: StoreConfig {
             capacity: b.capacity,
             policy: b.policy,
-            mode_log_reward,
+            modes: mode_ids(env),
         },
         token: job_token(world)?,
         trainers,
@@ -169,6 +161,20 @@ pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
         report.refused
     );
     Ok(())
+}
+
+/// The environment's own mode criterion applied to an item's terminal state, as the trainers'
+/// metrics apply it; `None` where the environment has none.
+fn mode_ids(env: Arc<dyn Environment>) -> Option<ModeIds> {
+    env.modes()?;
+    let d = env.state_dim();
+    Some(Arc::new(move |item: &Item| {
+        let mut found = Vec::new();
+        if let (Some(modes), Some(x)) = (env.modes(), item.states.rchunks_exact(d).next()) {
+            modes.found_by(x, item.log_reward, &mut found);
+        }
+        found
+    }))
 }
 
 /// Buffer statistics over all buffer ranks, as rank 0 reports them.
@@ -313,7 +319,7 @@ impl RemoteReplay {
     /// prefetched, never waiting), or from local replay once the buffer rank is lost. Returns
     /// the batch and the number of fresh trajectories at its front.
     pub fn sample_batch(&mut self, state: &mut TrainState) -> Result<(Trajectories, usize)> {
-        let mut batch = state.sample_fresh();
+        let mut batch = state.sample_fresh()?;
         let n = batch.len();
         let k = state.replay_count(n);
         let replayed = match self.client.lost() {
@@ -348,7 +354,7 @@ impl RemoteReplay {
         };
         // Local replay also keeps a copy, to fall back on.
         state.replay.push(&batch);
-        self.client.push(items(state.env.as_ref(), &batch));
+        self.client.push(items(&batch));
         batch.extend(&replayed);
         Ok((batch, n))
     }
@@ -403,14 +409,14 @@ impl RemoteReplay {
     }
 }
 
-/// The batch as protocol items, keyed by terminal state.
-fn items(env: &dyn Environment, batch: &Trajectories) -> Vec<Item> {
+/// The batch as protocol items, keyed by a hash of the terminal state's coordinates.
+fn items(batch: &Trajectories) -> Vec<Item> {
     let d = batch.state_dim;
     (0..batch.len())
         .map(|b| {
             let (start, end) = (batch.offsets[b], batch.offsets[b + 1]);
             Item {
-                key: env.state_index(batch.terminal_state(b)) as u64,
+                key: state_hash(batch.terminal_state(b)),
                 log_reward: batch.log_rewards[b],
                 states: batch.states[start * d..end * d].to_vec(),
                 actions: batch.actions[start..end]

@@ -7,10 +7,9 @@ use crate::remote::{BufferMetrics, BufferSummary, RemoteReplay};
 use crate::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
 use gfn_core::checkpoint;
-use gfn_core::env::HyperGrid;
 use gfn_core::parallel;
 use gfn_core::train::{Evaluation, StepMetrics, TrainState};
-use gfn_ddp::comm::ReduceOp;
+use gfn_ddp::comm::{all_gather_bytes, ReduceOp};
 use gfn_ddp::launch_env::RankInfo;
 use gfn_ddp::reducer::AllReduceGradients;
 use gfn_ddp::world::World;
@@ -42,17 +41,11 @@ struct MetricsLine<'a> {
 
 #[derive(Serialize)]
 pub struct Summary {
+    pub env: String,
     pub loss: f64,
-    pub l1: f64,
-    pub tv: f64,
-    pub kl: f64,
-    pub jsd: f64,
-    pub exact_tv: f64,
-    pub exact_kl: f64,
-    pub modes_found: usize,
-    pub n_modes: usize,
-    pub log_z: f64,
-    pub true_log_z: f64,
+    /// Every value of the last evaluation, by name.
+    #[serde(flatten)]
+    pub eval: Evaluation,
     pub steps: u64,
     pub trajectories: u64,
     pub wall_s: f64,
@@ -85,8 +78,8 @@ pub fn build_state(
     stream: u64,
 ) -> Result<TrainState> {
     let train_config = config.train_config()?;
-    let env = HyperGrid::new(config.env()?)?;
-    let mut state = TrainState::new(Box::new(env), train_config, device, stream)?;
+    let env = config.env.build()?;
+    let mut state = TrainState::new(env, train_config, device, stream)?;
     if resume {
         checkpoint::load(&mut state, &out.join(CHECKPOINT_FILE))?;
     }
@@ -112,29 +105,47 @@ pub fn prepare_out_dir(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Everything rank 0 needs at an evaluation that involves the other ranks: the union of the
-/// modes they found and their mean loss.
+/// Everything rank 0 needs at an evaluation that involves the other ranks: what every rank's
+/// metrics observed (modes found, terminal states seen), merged into every rank's own, and
+/// their mean loss.
 fn gather_for_evaluation(state: &mut TrainState, world: &mut World, loss: f64) -> Result<f64> {
     if world.world_size() == 1 {
         return Ok(loss);
     }
-    let modes = state.truth.modes.clone();
-    let found = state.modes.found_indices();
-    let mut values: Vec<f32> = modes
-        .iter()
-        .map(|m| found.binary_search(m).is_ok() as u8 as f32)
-        .collect();
-    values.push(loss as f32);
-    let mut buffer = Tensor::from_slice(&values).to_device(state.estimators.device());
+    let device = state.estimators.device();
+    let shares = state.metrics.share();
+    let mut packed = Vec::new();
+    for share in &shares {
+        packed.extend_from_slice(&(share.len() as u64).to_le_bytes());
+        packed.extend_from_slice(share);
+    }
+    let everyone = all_gather_bytes(world.comm.as_mut(), &packed, device)?;
+    for (rank, bytes) in everyone.iter().enumerate() {
+        if rank != world.rank() {
+            state.metrics.absorb(&unpack_shares(bytes, shares.len())?)?;
+        }
+    }
+    let mut buffer = Tensor::from_slice(&[loss as f32]).to_device(device);
     world.comm.all_reduce(&mut buffer, ReduceOp::Sum)?;
     let summed = Vec::<f32>::try_from(buffer.to_device(Device::Cpu))?;
-    let newly_seen = modes
-        .iter()
-        .zip(&summed)
-        .filter(|(_, &count)| count > 0.0)
-        .map(|(&m, _)| m);
-    state.modes.observe(&state.truth, newly_seen);
-    Ok(summed[modes.len()] as f64 / world.world_size() as f64)
+    Ok(summed[0] as f64 / world.world_size() as f64)
+}
+
+/// The inverse of the packing in [`gather_for_evaluation`]: `count` length-prefixed shares.
+fn unpack_shares(mut bytes: &[u8], count: usize) -> Result<Vec<Vec<u8>>> {
+    let mut shares = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (length, rest) = bytes
+            .split_first_chunk::<8>()
+            .context("a rank's metric shares end early")?;
+        let length = u64::from_le_bytes(*length) as usize;
+        if length > rest.len() {
+            bail!("a rank's metric share claims {length} bytes, {} are left", rest.len());
+        }
+        shares.push(rest[..length].to_vec());
+        bytes = &rest[length..];
+    }
+    Ok(shares)
 }
 
 /// Trains on this rank. Rank 0 evaluates, logs, checkpoints and returns the summary; the other
@@ -178,8 +189,11 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
     }
     let device_name = format!("{device:?}").to_lowercase();
     if root {
+        if let Some(reason) = &state.no_truth {
+            tracing::info!("no exact metrics: {reason}");
+        }
         tracing::info!(
-            env = %format!("hypergrid {}x{}", config.env.dim, config.env.height),
+            env = %state.env.describe(),
             loss = ?config.loss.name,
             batch = config.sampling.batch_size,
             ranks = world_size,
@@ -215,6 +229,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
     let (mut all_reduce_time, mut rank_wait_time) = (Duration::ZERO, Duration::ZERO);
     let first_step = state.step;
     let mut progress = root.then(|| Progress::new(first_step, total));
+    let env_name = state.env.describe();
     let mut last = StepMetrics {
         loss: f64::NAN,
         batch_trajectories: 0,
@@ -229,7 +244,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         let mut reducer = AllReduceGradients::new(world.comm.as_mut());
         let (batch, _) = match remote.as_mut() {
             Some(remote) => remote.sample_batch(&mut state)?,
-            None => state.sample_batch(),
+            None => state.sample_batch()?,
         };
         last = state.update(&batch, &mut reducer)?;
         all_reduce_time += reducer.elapsed;
@@ -242,7 +257,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         if due(config.train.validate_every, state.step) || state.step == total {
             last.loss = gather_for_evaluation(&mut state, world, last.loss)?;
             if let Some(file) = metrics_file.as_mut() {
-                let eval = state.evaluate(config.train.eval_samples)?;
+                let eval = state.evaluate()?;
                 let line = MetricsLine {
                     step: state.step,
                     trajectories,
@@ -310,7 +325,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         Some(eval) => eval,
         None => {
             checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
-            state.evaluate(config.train.eval_samples)?
+            state.evaluate()?
         }
     };
     let steps_done = state.step - first_step;
@@ -321,19 +336,10 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
             0.0
         }
     };
-    let d = &eval.distribution;
     let summary = Summary {
+        env: env_name,
         loss: last.loss,
-        l1: d.l1,
-        tv: d.tv,
-        kl: d.kl,
-        jsd: d.jsd,
-        exact_tv: d.exact_tv,
-        exact_kl: d.exact_kl,
-        modes_found: eval.modes_found,
-        n_modes: eval.n_modes,
-        log_z: eval.log_z,
-        true_log_z: eval.true_log_z,
+        eval,
         steps: state.step,
         trajectories: state.trajectories * world_size as u64,
         wall_s: started.elapsed().as_secs_f64(),

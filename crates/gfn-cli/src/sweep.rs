@@ -1,7 +1,8 @@
 //! `gfn sweep`: every config × seed trained in turn (one run directory each; finished runs are
 //! kept, so an interrupted sweep continues where it stopped), then a markdown table of final
-//! metrics, mean ± std over seeds: exact TV and L1, modes found, and the trajectories needed to
-//! reach an exact-TV threshold.
+//! metrics, mean ± std over seeds: exact TV and L1 (where the environment has an exact
+//! target), modes found, the test-set Spearman correlation (where it has a test set), and the
+//! trajectories needed to reach an exact-TV threshold.
 
 use crate::config::Config;
 use crate::run::{self, METRICS_FILE, SUMMARY_FILE};
@@ -25,13 +26,19 @@ pub const TABLE_FILE: &str = "sweep.md";
 pub struct Row {
     pub setting: String,
     pub seeds: usize,
-    pub exact_tv: (f64, f64),
-    pub exact_l1: (f64, f64),
+    pub exact_tv: Option<(f64, f64)>,
+    pub exact_l1: Option<(f64, f64)>,
     pub modes_found: (f64, f64),
+    pub spearman: Option<(f64, f64)>,
     pub n_modes: usize,
     /// Mean ± std over the seeds that reached the threshold, and how many did.
     pub trajectories_to_threshold: Option<(f64, f64)>,
     pub reached: usize,
+}
+
+/// Mean ± std of a metric every seed reported; `None` where the runs did not measure it.
+fn reported(values: &[f64], seeds: usize) -> Option<(f64, f64)> {
+    (values.len() == seeds && seeds > 0).then(|| mean_std(values))
 }
 
 fn mean_std(values: &[f64]) -> (f64, f64) {
@@ -107,12 +114,14 @@ pub fn run(plan: &SweepPlan) -> Result<Vec<Row>> {
             |key: &str| -> Vec<f64> { summaries.iter().filter_map(|s| s[key].as_f64()).collect() };
         let exact_tv = field("exact_tv");
         let exact_l1: Vec<f64> = exact_tv.iter().map(|tv| 2.0 * tv).collect();
+        let seeds = summaries.len();
         rows.push(Row {
             setting,
-            seeds: summaries.len(),
-            exact_tv: mean_std(&exact_tv),
-            exact_l1: mean_std(&exact_l1),
+            seeds,
+            exact_tv: reported(&exact_tv, seeds),
+            exact_l1: reported(&exact_l1, seeds),
             modes_found: mean_std(&field("modes_found")),
+            spearman: reported(&field("spearman"), seeds),
             n_modes: summaries[0]["n_modes"].as_u64().unwrap_or(0) as usize,
             trajectories_to_threshold: (!reached.is_empty()).then(|| mean_std(&reached)),
             reached: reached.len(),
@@ -130,25 +139,28 @@ pub fn run(plan: &SweepPlan) -> Result<Vec<Row>> {
 
 pub fn markdown(rows: &[Row], threshold: f64) -> String {
     let mut out = format!(
-        "| setting | seeds | exact TV | exact L1 | modes found | trajectories to exact TV ≤ {threshold} |\n|---|---:|---:|---:|---:|---:|\n"
+        "| setting | seeds | exact TV | exact L1 | modes found | Spearman | trajectories to exact TV ≤ {threshold} |\n|---|---:|---:|---:|---:|---:|---:|\n"
     );
+    let cell = |v: Option<(f64, f64)>| {
+        v.map_or_else(|| "–".to_string(), |(m, s)| format!("{m:.4} ± {s:.4}"))
+    };
     for r in rows {
         let to_threshold = match r.trajectories_to_threshold {
             Some((mean, std)) if r.reached == r.seeds => format!("{mean:.0} ± {std:.0}"),
             Some((mean, std)) => format!("{mean:.0} ± {std:.0} ({}/{} seeds)", r.reached, r.seeds),
+            None if r.exact_tv.is_none() => "–".to_string(),
             None => format!("not reached (0/{})", r.seeds),
         };
         out += &format!(
-            "| {} | {} | {:.4} ± {:.4} | {:.4} ± {:.4} | {:.1} ± {:.1} of {} | {} |\n",
+            "| {} | {} | {} | {} | {:.1} ± {:.1} of {} | {} | {} |\n",
             r.setting,
             r.seeds,
-            r.exact_tv.0,
-            r.exact_tv.1,
-            r.exact_l1.0,
-            r.exact_l1.1,
+            cell(r.exact_tv),
+            cell(r.exact_l1),
             r.modes_found.0,
             r.modes_found.1,
             r.n_modes,
+            cell(r.spearman),
             to_threshold
         );
     }
@@ -172,9 +184,10 @@ mod tests {
         let row = |reached, t| Row {
             setting: "x".into(),
             seeds: 3,
-            exact_tv: (0.01, 0.001),
-            exact_l1: (0.02, 0.002),
+            exact_tv: Some((0.01, 0.001)),
+            exact_l1: Some((0.02, 0.002)),
             modes_found: (4.0, 0.0),
+            spearman: None,
             n_modes: 4,
             trajectories_to_threshold: t,
             reached,
@@ -187,8 +200,9 @@ mod tests {
             ],
             0.05,
         );
-        assert!(table
-            .contains("| x | 3 | 0.0100 ± 0.0010 | 0.0200 ± 0.0020 | 4.0 ± 0.0 of 4 | 800 ± 10 |"));
+        assert!(table.contains(
+            "| x | 3 | 0.0100 ± 0.0010 | 0.0200 ± 0.0020 | 4.0 ± 0.0 of 4 | – | 800 ± 10 |"
+        ));
         assert!(table.contains("900 ± 5 (2/3 seeds)"));
         assert!(table.contains("not reached (0/3)"));
     }

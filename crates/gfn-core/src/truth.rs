@@ -48,10 +48,39 @@ pub fn can_terminate(env: &dyn Environment, states: &[i64]) -> Vec<bool> {
         .collect()
 }
 
+/// Whether each state (rows in index order) is reachable from s0: one pass in index order,
+/// which is topological. Enumerations may index states that no trajectory reaches (a packing
+/// over its capacity, say); those are no part of the target.
+pub fn reachable(env: &dyn Environment, states: &[i64]) -> Vec<bool> {
+    let enumeration = env.enumeration().expect("enumerated states");
+    let (d, n_actions) = (env.state_dim(), env.n_actions());
+    let exit = crate::env::exit_action(env);
+    let n = states.len() / d;
+    let mut masks = vec![false; n * n_actions];
+    env.forward_masks(states, &mut masks);
+    let mut reached = vec![false; n];
+    let mut s0 = vec![0i64; d];
+    env.initial_state(&mut s0);
+    reached[enumeration.state_index(&s0)] = true;
+    let mut child = vec![0i64; d];
+    for i in 0..n {
+        if !reached[i] {
+            continue;
+        }
+        for a in (0..n_actions).filter(|&a| masks[i * n_actions + a] && Some(a) != exit) {
+            child.copy_from_slice(&states[i * d..(i + 1) * d]);
+            env.step(&mut child, &[a]);
+            reached[enumeration.state_index(&child)] = true;
+        }
+    }
+    reached
+}
+
 #[derive(Debug, Clone)]
 pub struct GroundTruth {
     pub n_states: usize,
-    /// log R per state index; `-inf` where no trajectory ends (not a terminal state).
+    /// log R per state index; `-inf` where no trajectory ends (not a terminal state, or not
+    /// reachable).
     pub log_rewards: Vec<f64>,
     pub log_z: f64,
     /// π(x) = R(x) / Z per state index.
@@ -62,7 +91,12 @@ impl GroundTruth {
     pub fn enumerate(env: &dyn Environment) -> Result<Self> {
         let states = all_states(env)?;
         let d = env.state_dim();
-        let terminal = can_terminate(env, &states);
+        let reached = reachable(env, &states);
+        let terminal: Vec<bool> = can_terminate(env, &states)
+            .into_iter()
+            .zip(&reached)
+            .map(|(t, &r)| t && r)
+            .collect();
         let mut log_rewards = vec![f64::NEG_INFINITY; terminal.len()];
         let rows: Vec<usize> = (0..terminal.len()).filter(|&i| terminal[i]).collect();
         let mut terminal_states = Vec::with_capacity(rows.len() * d);

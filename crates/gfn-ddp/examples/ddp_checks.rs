@@ -9,6 +9,7 @@
 use gfn_core::env::{HyperGrid, HyperGridConfig, RewardPreset};
 use gfn_core::estimators::{Architecture, BackwardPolicy};
 use gfn_core::losses::{LossConfig, LossKind};
+use gfn_core::metrics::MetricsConfig;
 use gfn_core::optim::OptimizerConfig;
 use gfn_core::optim::ReducedGradient;
 use gfn_core::replay::ReplayPolicy;
@@ -164,6 +165,8 @@ fn state(kind: LossKind, stream: u64) -> TrainState {
         },
         seed: 3,
         threads: 0,
+        exact_samples: 1000,
+        metrics: MetricsConfig::default(),
     };
     let env = HyperGrid::new(HyperGridConfig::new(2, 6, RewardPreset::Standard)).unwrap();
     TrainState::new(Box::new(env), config, Device::Cpu, stream).unwrap()
@@ -190,9 +193,9 @@ fn main() {
         world.comm.broadcast(&mut params, 0).unwrap();
 
         // Sampling is deterministic per (seed, stream): every rank can rebuild both batches.
-        let (mine, _) = ddp.sample_batch();
+        let (mine, _) = ddp.sample_batch().unwrap();
         let batches: Vec<_> = (0..size as u64)
-            .map(|r| state(kind, r).sample_batch().0)
+            .map(|r| state(kind, r).sample_batch().unwrap().0)
             .collect();
         assert_eq!(batches[rank], mine, "rank {rank} rebuilt a different batch");
         let mut union = batches[0].clone();
@@ -219,13 +222,13 @@ fn main() {
         // out update (where the communicator shards) must give the same bits, and so must its
         // moments once gathered.
         let mut twin = state(kind, rank as u64);
-        let (first, _) = twin.sample_batch();
+        let (first, _) = twin.sample_batch().unwrap();
         twin.update(&first, &mut WholeUpdate(world.comm.as_mut()))
             .unwrap();
         for _ in 0..20 {
-            let (batch, _) = ddp.sample_batch();
+            let (batch, _) = ddp.sample_batch().unwrap();
             assert_eq!(
-                twin.sample_batch().0,
+                twin.sample_batch().unwrap().0,
                 batch,
                 "{kind:?}: the twin sampled another batch"
             );

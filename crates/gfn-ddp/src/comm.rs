@@ -61,6 +61,58 @@ pub trait Communicator {
     }
 }
 
+/// Every rank's `bytes` (any length), in rank order, on every rank: built on the all-reduce
+/// (lengths first, then each rank's bytes at its own offset, zeros elsewhere). Integers ride in
+/// f32 below 2^16, where f32 sums are exact: two bytes per value, lengths as two 16-bit halves.
+pub fn all_gather_bytes(
+    comm: &mut dyn Communicator,
+    bytes: &[u8],
+    device: tch::Device,
+) -> Result<Vec<Vec<u8>>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut lengths = vec![0f32; 2 * world];
+    lengths[2 * rank] = (bytes.len() & 0xFFFF) as f32;
+    lengths[2 * rank + 1] = (bytes.len() >> 16) as f32;
+    let lengths: Vec<usize> = sum_over_ranks(comm, lengths, device)?
+        .chunks_exact(2)
+        .map(|pair| pair[0] as usize | (pair[1] as usize) << 16)
+        .collect();
+    let words: Vec<usize> = lengths.iter().map(|l| l.div_ceil(2)).collect();
+    let offsets: Vec<usize> = words
+        .iter()
+        .scan(0, |at, &w| {
+            *at += w;
+            Some(*at - w)
+        })
+        .collect();
+    let mut payload = vec![0f32; words.iter().sum::<usize>().max(1)];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let high = pair.get(1).copied().unwrap_or(0) as u32;
+        payload[offsets[rank] + i] = (pair[0] as u32 | high << 8) as f32;
+    }
+    let payload = sum_over_ranks(comm, payload, device)?;
+    Ok((0..world)
+        .map(|r| {
+            let mut out: Vec<u8> = payload[offsets[r]..offsets[r] + words[r]]
+                .iter()
+                .flat_map(|&w| [(w as u32 & 0xFF) as u8, (w as u32 >> 8) as u8])
+                .collect();
+            out.truncate(lengths[r]);
+            out
+        })
+        .collect())
+}
+
+fn sum_over_ranks(
+    comm: &mut dyn Communicator,
+    values: Vec<f32>,
+    device: tch::Device,
+) -> Result<Vec<f32>> {
+    let mut tensor = Tensor::from_slice(&values).to_device(device);
+    comm.all_reduce(&mut tensor, ReduceOp::Sum)?;
+    Ok(Vec::<f32>::try_from(tensor.to_device(tch::Device::Cpu))?)
+}
+
 /// World size 1: every collective is the identity.
 pub struct LocalCommunicator;
 

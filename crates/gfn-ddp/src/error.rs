@@ -24,6 +24,8 @@ pub enum DdpError {
     Launch(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
 }
 
 pub type Result<T> = std::result::Result<T, DdpError>;

@@ -162,7 +162,7 @@ impl Modes for BitSeq {
     fn found_by(&self, x: &[i64], _log_reward: f32, found: &mut Vec<u64>) {
         self.reward.found_by(x, found);
     }
-    fn describe(&self) -> String {
+    fn criterion(&self) -> String {
         self.reward.describe_modes()
     }
 }

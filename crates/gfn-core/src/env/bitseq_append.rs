@@ -165,7 +165,7 @@ impl Modes for BitSeqAppend {
     fn found_by(&self, x: &[i64], _log_reward: f32, found: &mut Vec<u64>) {
         self.reward.found_by(x, found);
     }
-    fn describe(&self) -> String {
+    fn criterion(&self) -> String {
         self.reward.describe_modes()
     }
 }

@@ -45,11 +45,12 @@ pub fn check_environment(
     };
     checker.parents.insert(s0.clone(), FxHashSet::default());
     let mut frontier = std::collections::VecDeque::from([s0.clone()]);
-    while let Some(state) = frontier.pop_front() {
+    while let Some(state) = frontier.front().cloned() {
         if checker.expanded.len() >= breadth_states {
             break;
         }
-        for child in checker.visit(&state)? {
+        frontier.pop_front();
+        for (child, _) in checker.visit(&state, true)? {
             if !checker.expanded.contains(&child) && !frontier.contains(&child) {
                 frontier.push_back(child);
             }
@@ -58,11 +59,14 @@ pub fn check_environment(
     for _ in 0..random_trajectories {
         let mut state = s0.clone();
         for _ in 0..env.max_trajectory_length() {
-            let children = checker.visit(&state)?;
+            let children = checker.visit(&state, false)?;
             if children.is_empty() {
                 break;
             }
-            state = children[rng.gen_range(0..children.len())].clone();
+            let (parent, (child, action)) =
+                (state, children[rng.gen_range(0..children.len())].clone());
+            checker.record(&parent, &child, action);
+            state = child;
         }
         if !checker.ends_here(&state) {
             return Err(format!(
@@ -71,7 +75,8 @@ pub fn check_environment(
             ));
         }
     }
-    checker.check_parents()?;
+    // Breadth-first exploration that ran out of states has seen every edge.
+    checker.check_parents(frontier.is_empty())?;
     checker.check_enumeration()?;
     Ok(CheckReport {
         states: checker.parents.len(),
@@ -96,8 +101,16 @@ impl Checker<'_> {
         }
     }
 
-    /// Checks `state` and its outgoing transitions; returns its children (new or not).
-    fn visit(&mut self, state: &[i64]) -> Result<Vec<Vec<i64>>, String> {
+    fn record(&mut self, parent: &[i64], child: &[i64], action: usize) {
+        self.parents
+            .entry(child.to_vec())
+            .or_default()
+            .insert((parent.to_vec(), action));
+    }
+
+    /// Checks `state` and every transition out of it; returns its children (new or not) and
+    /// the actions to them, having recorded them as edges when `record_all`.
+    fn visit(&mut self, state: &[i64], record_all: bool) -> Result<Vec<(Vec<i64>, usize)>, String> {
         let env = self.env;
         self.expanded.insert(state.to_vec());
         let mask = self.forward_mask(state);
@@ -138,11 +151,10 @@ impl Checker<'_> {
             if env.forward_action_of(&child, b) != a {
                 return Err(format!("forward_action_of({child:?}, {b}) is not {a}"));
             }
-            self.parents
-                .entry(child.clone())
-                .or_default()
-                .insert((state.to_vec(), a));
-            children.push(child);
+            if record_all {
+                self.record(state, &child, a);
+            }
+            children.push((child, a));
         }
         Ok(children)
     }
@@ -173,16 +185,17 @@ impl Checker<'_> {
         Ok(())
     }
 
-    /// Every explored state allows exactly the backward actions of the edges found into it.
-    fn check_parents(&self) -> Result<(), String> {
+    /// Every explored state allows at least the backward actions of the edges found into it,
+    /// exactly those when `complete`, and each of them leads to a parent that reaches it.
+    fn check_parents(&self, complete: bool) -> Result<(), String> {
         let env = self.env;
         for (child, edges) in &self.parents {
             let mut back = vec![false; env.n_backward_actions()];
             env.backward_masks(child, &mut back);
             let allowed = back.iter().filter(|&&b| b).count();
             // Edges are only known from explored parents: all of them once breadth-first
-            // exploration reached the child's depth, some along random trajectories.
-            if allowed < edges.len() {
+            // exploration expanded every parent, the one taken along a random trajectory.
+            if allowed < edges.len() || (complete && allowed > edges.len()) {
                 return Err(format!(
                     "{child:?} has {} parents but allows {allowed} backward actions",
                     edges.len()

@@ -206,7 +206,7 @@ impl Modes for HyperGrid {
         }
     }
 
-    fn describe(&self) -> String {
+    fn criterion(&self) -> String {
         "maximal reward".into()
     }
 }

@@ -163,7 +163,7 @@ pub trait Modes: Send + Sync {
     /// `log_reward` counts as finding (an id names one mode, whichever state finds it).
     fn found_by(&self, x: &[i64], log_reward: f32, found: &mut Vec<u64>);
     /// The criterion in words, for logs.
-    fn describe(&self) -> String;
+    fn criterion(&self) -> String;
 }
 
 /// Builds the environments named in configurations: one line per environment.

@@ -122,3 +122,25 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
     }
     pearson(&average_ranks(a), &average_ranks(b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Ties in both; expected values from scipy 1.x: stats.pearsonr, stats.spearmanr and
+    // stats.rankdata on the same data.
+    const A: [f64; 10] = [0.3, -1.2, 2.5, 2.5, 0.0, 7.1, -3.3, 0.3, 1.0, 4.4];
+    const B: [f64; 10] = [1.0, 0.1, 3.0, 2.0, -0.5, 5.0, -2.0, 0.3, 1.5, 1.5];
+
+    #[test]
+    fn correlations_match_scipy() {
+        assert!((pearson(&A, &B) - 0.9169107418292785).abs() < 1e-12);
+        assert!((spearman(&A, &B) - 0.929667955700181).abs() < 1e-12);
+        assert_eq!(
+            average_ranks(&A),
+            [4.5, 2.0, 7.5, 7.5, 3.0, 10.0, 1.0, 4.5, 6.0, 9.0]
+        );
+        assert!(spearman(&[1.0, f64::NAN], &[1.0, 2.0]).is_nan());
+        assert!(pearson(&[1.0, 1.0], &[1.0, 2.0]).is_nan(), "a constant side");
+    }
+}

@@ -137,3 +137,18 @@ pub fn set_param(estimators: &mut Estimators, name: &str, values: &[f64]) {
 pub fn has_param(estimators: &Estimators, name: &str) -> bool {
     estimators.params.specs().iter().any(|s| s.name == name)
 }
+
+/// The values of the named parameter.
+pub fn param(estimators: &Estimators, name: &str) -> Vec<f64> {
+    let spec = estimators
+        .params
+        .specs()
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no parameter {name}"))
+        .clone();
+    estimators.params.to_vec()[spec.offset..spec.offset + spec.numel()]
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
+}
