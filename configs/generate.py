@@ -87,7 +87,8 @@ for dim in [2, 4]:
 # modes, beta = 3, a Transformer of 3 layers, 8 heads and width 64 with a uniform P_B
 # (train_backward: false), 50,000 steps of 16, AdamW (weight decay 1e-5), epsilon = 1e-3;
 # TB and DB at lr 1e-3 (log Z at 5e-2), SubTB at 5e-4 with lambda = 1.9. Evaluations every
-# 1000 steps (DB: 2000), with the test-set correlation over 10 backward trajectories per state.
+# 1000 steps (DB: 2000), with the test-set correlation over 10 backward trajectories per state,
+# and modes counted over every visited state as gfnx's baselines count them.
 for loss, lr, every in [("tb", 1e-3, 1000), ("db", 1e-3, 2000), ("subtb", 5e-4, 1000)]:
     section = {"name": loss}
     if loss == "subtb":
@@ -104,4 +105,4 @@ for loss, lr, every in [("tb", 1e-3, 1000), ("db", 1e-3, 2000), ("subtb", 5e-4, 
            "loss": section, "optim": optim,
            "sampling": {"batch_size": 16, "epsilon": 1e-3},
            "train": {"steps": 50000, "validate_every": every, "checkpoint_every": 5000},
-           "metrics": {"test_rounds": 10}})
+           "metrics": {"test_rounds": 10, "modes_of": "visited"}})

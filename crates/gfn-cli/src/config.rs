@@ -492,8 +492,9 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs"),
             &mut seen,
         );
-        // 3 examples, 30 trajectory-balance, 12 sub-trajectory-balance, 3 gfnx, 6 sweep.
-        assert_eq!(seen, 54, "configs/ holds {seen} TOML files");
+        // 3 examples, 30 trajectory-balance, 12 sub-trajectory-balance, 3 gfnx HyperGrid and
+        // 3 gfnx bitseq, 6 sweep.
+        assert_eq!(seen, 57, "configs/ holds {seen} TOML files");
     }
 
     #[test]

@@ -84,7 +84,16 @@ const COLORS: [RGBColor; 4] = [
 struct Quantity {
     keys: &'static [(&'static str, &'static str)],
     title: &'static str,
-    log_scale: bool,
+    scale: Scale,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scale {
+    Log,
+    /// Linear from 0 (counts).
+    FromZero,
+    /// Linear over the values' range.
+    Linear,
 }
 
 const QUANTITIES: [Quantity; 4] = [
@@ -95,22 +104,22 @@ const QUANTITIES: [Quantity; 4] = [
             ("l1", "L1 (sampled)"),
         ],
         title: "distance to the target",
-        log_scale: true,
+        scale: Scale::Log,
     },
     Quantity {
         keys: &[("modes_found", "modes found")],
         title: "modes found",
-        log_scale: false,
+        scale: Scale::FromZero,
     },
     Quantity {
         keys: &[("spearman", "Spearman"), ("pearson", "Pearson")],
         title: "test-set correlation",
-        log_scale: false,
+        scale: Scale::Linear,
     },
     Quantity {
         keys: &[("loss", "loss")],
         title: "training loss",
-        log_scale: true,
+        scale: Scale::Log,
     },
 ];
 
@@ -124,7 +133,8 @@ fn panel(
 ) -> Result<()> {
     let keys = quantity.keys;
     let title = format!("{} vs {x_label}", quantity.title);
-    let floor = |v: f64| if quantity.log_scale { v.max(1e-9) } else { v };
+    let log_scale = quantity.scale == Scale::Log;
+    let floor = |v: f64| if log_scale { v.max(1e-9) } else { v };
     let all: Vec<Vec<(f64, f64)>> = keys
         .iter()
         .map(|(k, _)| {
@@ -144,7 +154,7 @@ fn panel(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60);
-    if quantity.log_scale {
+    if log_scale {
         let (y_min, y_max) = if y_min.is_finite() && y_max > 0.0 {
             (y_min / 1.5, y_max * 1.5)
         } else {
@@ -155,11 +165,13 @@ fn panel(
             .map_err(draw_error)?;
         draw_lines(chart, keys, all, x_label)
     } else {
-        let (y_min, y_max) = if y_min.is_finite() {
-            let pad = ((y_max - y_min) * 0.1).max(1e-3);
-            (y_min - pad, y_max + pad)
-        } else {
-            (0.0, 1.0)
+        let (y_min, y_max) = match (y_min.is_finite(), quantity.scale) {
+            (false, _) => (0.0, 1.0),
+            (true, Scale::FromZero) => (0.0, (y_max * 1.1).max(1.0)),
+            (true, _) => {
+                let pad = ((y_max - y_min) * 0.1).max(1e-2);
+                (y_min - pad, y_max + pad)
+            }
         };
         let chart = chart
             .build_cartesian_2d(0f64..x_max, y_min..y_max)
@@ -181,6 +193,7 @@ where
         .configure_mesh()
         .x_desc(x_label)
         .label_style((FAMILY, 13))
+        .y_label_formatter(&|v| tick(*v))
         .draw()
         .map_err(draw_error)?;
     for (i, ((_, label), points)) in keys.iter().zip(all).enumerate() {
@@ -204,6 +217,16 @@ where
         .draw()
         .map_err(draw_error)?;
     Ok(())
+}
+
+/// A tick label with a few significant digits (tick values carry float noise).
+fn tick(v: f64) -> String {
+    if v == 0.0 || (1e-2..1e5).contains(&v.abs()) {
+        let text = format!("{v:.3}");
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{v:.1e}")
+    }
 }
 
 fn curves(lines: &[serde_json::Value], path: &Path) -> Result<()> {

@@ -185,7 +185,9 @@ fn a_run_ends_with_plots_and_gfn_plot_redraws_them() {
     assert_ok(&result);
     let curves = out.join("curves.png");
     let distribution = out.join("distribution.png");
-    assert_eq!(png_size(&curves), (1500, 450));
+    // Rows of two panels (against steps and seconds): the distance to the target, the modes
+    // found; then the loss.
+    assert_eq!(png_size(&curves), (1100, 3 * 380));
     assert_eq!(png_size(&distribution), (1000, 520));
     std::fs::remove_file(&curves).unwrap();
     std::fs::remove_file(&distribution).unwrap();

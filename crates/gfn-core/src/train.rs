@@ -167,12 +167,17 @@ impl Evaluation {
     }
 }
 
+/// A map of the values by name; whole numbers (counts such as modes_found) as JSON integers.
 impl Serialize for Evaluation {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(Some(self.values.len()))?;
-        for (k, v) in &self.values {
-            map.serialize_entry(k, v)?;
+        for (k, v) in self.values.iter().map(|(k, v)| (k, *v)) {
+            if v.fract() == 0.0 && v.abs() < (1u64 << 53) as f64 {
+                map.serialize_entry(k, &(v as i64))?;
+            } else {
+                map.serialize_entry(k, &v)?;
+            }
         }
         map.end()
     }

@@ -62,10 +62,22 @@ pub trait Metric: Send {
     }
 }
 
+/// Which states count towards the modes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModesOf {
+    /// The terminal states of training trajectories: the objects found.
+    Terminal,
+    /// Every state training visited, partial ones included (gfnx's bitseq baselines count
+    /// these, a partial sequence's empty words as zero bits).
+    Visited,
+}
+
 /// `[metrics]`: sizes of the sampled metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
+    pub modes_of: ModesOf,
     /// Fresh on-policy trajectories for reward statistics, top-k rewards and the ELBO.
     pub samples: usize,
     /// The k of the top-k mean rewards.
@@ -79,6 +91,7 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
+            modes_of: ModesOf::Terminal,
             samples: 1024,
             top_k: vec![10, 100],
             test_rounds: 10,
@@ -136,7 +149,7 @@ impl MetricSet {
             metrics.push(Box::new(exact::ExactDistribution::new(exact_samples)));
         }
         if let Some(modes) = env.modes() {
-            metrics.push(Box::new(modes::ModesFound::new(modes.count())));
+            metrics.push(Box::new(modes::ModesFound::new(modes.count(), config.modes_of)));
         }
         metrics.push(Box::new(modes::DistinctTerminals::default()));
         metrics.push(Box::new(samples::OnPolicySamples::new(config)));

@@ -2,7 +2,7 @@
 //! distinct terminal states it reached. Both accumulate over the fresh training batches of
 //! every rank.
 
-use super::{bytes_to_u64s, u64s_to_bytes, EvalContext, Metric, Values};
+use super::{bytes_to_u64s, u64s_to_bytes, EvalContext, Metric, ModesOf, Values};
 use crate::env::Environment;
 use crate::trajectories::Trajectories;
 use crate::Result;
@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 /// modes_found and n_modes.
 pub struct ModesFound {
     n_modes: u64,
+    of: ModesOf,
     found: BTreeSet<u64>,
     /// Found since the last share.
     fresh: Vec<u64>,
@@ -19,9 +20,10 @@ pub struct ModesFound {
 }
 
 impl ModesFound {
-    pub fn new(n_modes: u64) -> Self {
+    pub fn new(n_modes: u64, of: ModesOf) -> Self {
         ModesFound {
             n_modes,
+            of,
             found: BTreeSet::new(),
             fresh: Vec::new(),
             scratch: Vec::new(),
@@ -32,10 +34,17 @@ impl ModesFound {
         self.found.len()
     }
 
-    fn insert(&mut self, id: u64) {
-        if self.found.insert(id) {
-            self.fresh.push(id);
+    /// Records the modes that `state` finds (`log_reward` NaN where no trajectory ends).
+    fn observe_state(&mut self, modes: &dyn crate::env::Modes, state: &[i64], log_reward: f32) {
+        let mut found = std::mem::take(&mut self.scratch);
+        found.clear();
+        modes.found_by(state, log_reward, &mut found);
+        for &id in &found {
+            if self.found.insert(id) {
+                self.fresh.push(id);
+            }
         }
+        self.scratch = found;
     }
 }
 
@@ -47,11 +56,15 @@ impl Metric for ModesFound {
     fn observe(&mut self, env: &dyn Environment, batch: &Trajectories) {
         let modes = env.modes().expect("built only for environments with modes");
         for b in 0..batch.len() {
-            let mut found = std::mem::take(&mut self.scratch);
-            found.clear();
-            modes.found_by(batch.terminal_state(b), batch.log_rewards[b], &mut found);
-            found.iter().for_each(|&id| self.insert(id));
-            self.scratch = found;
+            let last = batch.offsets[b + 1] - 1;
+            let visited = match self.of {
+                ModesOf::Terminal => last..last + 1,
+                ModesOf::Visited => batch.offsets[b]..last + 1,
+            };
+            for i in visited {
+                let log_reward = if i == last { batch.log_rewards[b] } else { f32::NAN };
+                self.observe_state(modes, batch.state(i), log_reward);
+            }
         }
     }
 
@@ -160,14 +173,17 @@ mod tests {
     fn modes_and_distinct_states_accumulate_and_merge() {
         let env = HyperGrid::new(HyperGridConfig::new(2, 8, RewardPreset::Standard)).unwrap();
         // Inner band at H = 8: coordinates 1 and 6, so the modes are (1|6, 1|6).
-        let (mut a, mut b) = (ModesFound::new(4), ModesFound::new(4));
+        let (mut a, mut b) = (
+            ModesFound::new(4, ModesOf::Terminal),
+            ModesFound::new(4, ModesOf::Terminal),
+        );
         a.observe(&env, &batch(&[[1, 1], [0, 0], [1, 1]]));
         b.observe(&env, &batch(&[[6, 1], [1, 1], [3, 3]]));
         assert_eq!((a.count(), b.count()), (1, 2));
         a.absorb(&b.share()).unwrap();
         assert_eq!(a.count(), 2);
         assert!(b.share().is_empty(), "a share holds only what is new");
-        let mut restored = ModesFound::new(4);
+        let mut restored = ModesFound::new(4, ModesOf::Terminal);
         restored.restore(&a.state()).unwrap();
         assert_eq!(restored.state(), a.state());
 
@@ -175,6 +191,15 @@ mod tests {
         distinct.observe(&env, &batch(&[[1, 1], [0, 0], [1, 1]]));
         assert_eq!(distinct.seen.len(), 2);
         assert!(bytes_to_u64s("x", &[1, 2, 3]).is_err());
+
+        // Counting visited states too: a trajectory through a mode on its way elsewhere.
+        let mut path = Trajectories::new(2);
+        path.push(&[0, 0, 0, 1, 1, 1, 2, 1], &[1, 0, 0, 2], 0.0);
+        let mut visited = ModesFound::new(4, ModesOf::Visited);
+        visited.observe(&env, &path);
+        let mut terminal = ModesFound::new(4, ModesOf::Terminal);
+        terminal.observe(&env, &path);
+        assert_eq!((visited.count(), terminal.count()), (1, 0));
     }
 
     #[test]
