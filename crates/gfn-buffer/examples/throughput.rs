@@ -39,7 +39,11 @@ fn measure(clients: usize, seconds: f64, batch: usize) -> Row {
             policy: Policy::Prioritized,
             // Items of log-reward 3.0 or more are modes, one per key.
             modes: Some(std::sync::Arc::new(|item: &gfn_buffer::protocol::Item| {
-                if item.log_reward >= 3.0 { vec![item.key] } else { Vec::new() }
+                if item.log_reward >= 3.0 {
+                    vec![item.key]
+                } else {
+                    Vec::new()
+                }
             })),
         },
         token,

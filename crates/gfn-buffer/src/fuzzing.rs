@@ -32,9 +32,13 @@ fn handle(frame: &[u8]) {
         capacity: 8,
         policy: Policy::Prioritized,
         // Items of log-reward 0.0 or more are modes, one per key.
-            modes: Some(std::sync::Arc::new(|item: &crate::protocol::Item| {
-                if item.log_reward >= 0.0 { vec![item.key] } else { Vec::new() }
-            })),
+        modes: Some(std::sync::Arc::new(|item: &crate::protocol::Item| {
+            if item.log_reward >= 0.0 {
+                vec![item.key]
+            } else {
+                Vec::new()
+            }
+        })),
     });
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     match request {

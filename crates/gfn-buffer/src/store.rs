@@ -123,8 +123,7 @@ const REBASE_MARGIN: f32 = 60.0;
 
 impl Store {
     pub fn new(config: StoreConfig) -> Self {
-        let weights =
-            (config.policy == Policy::Prioritized).then(|| SumTree::new(config.capacity));
+        let weights = (config.policy == Policy::Prioritized).then(|| SumTree::new(config.capacity));
         Store {
             config,
             items: Vec::new(),
@@ -266,7 +265,11 @@ mod tests {
             policy,
             // Items of log-reward 1.0 or more are modes, one per key.
             modes: Some(std::sync::Arc::new(|item: &Item| {
-                if item.log_reward >= 1.0 { vec![item.key] } else { Vec::new() }
+                if item.log_reward >= 1.0 {
+                    vec![item.key]
+                } else {
+                    Vec::new()
+                }
             })),
         })
     }

@@ -34,7 +34,11 @@ fn start_with(
             policy,
             // Items of log-reward 1.0 or more are modes, one per key.
             modes: Some(std::sync::Arc::new(|item: &gfn_buffer::protocol::Item| {
-                if item.log_reward >= 1.0 { vec![item.key] } else { Vec::new() }
+                if item.log_reward >= 1.0 {
+                    vec![item.key]
+                } else {
+                    Vec::new()
+                }
             })),
         },
         token: TOKEN,

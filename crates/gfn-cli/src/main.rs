@@ -226,7 +226,11 @@ fn bench(args: BenchArgs) -> Result<()> {
         overrides.push(format!("train.device={device:?}"));
     }
     let plan = bench::BenchPlan {
-        envs: args.envs.iter().map(|spec| bench::env_overrides(spec)).collect(),
+        envs: args
+            .envs
+            .iter()
+            .map(|spec| bench::env_overrides(spec))
+            .collect(),
         batches: args.batches,
         losses: args.losses,
         warmup: args.warmup,

@@ -231,7 +231,11 @@ fn tick(v: f64) -> String {
 
 fn curves(lines: &[serde_json::Value], path: &Path) -> Result<()> {
     // A row for each quantity the run measured; the loss has a panel of its own.
-    let present = |q: &Quantity| q.keys.iter().any(|(k, _)| !series(lines, "step", k).is_empty());
+    let present = |q: &Quantity| {
+        q.keys
+            .iter()
+            .any(|(k, _)| !series(lines, "step", k).is_empty())
+    };
     let (loss, rows): (Vec<&Quantity>, Vec<&Quantity>) = QUANTITIES
         .iter()
         .filter(|q| present(q))

@@ -140,7 +140,10 @@ fn unpack_shares(mut bytes: &[u8], count: usize) -> Result<Vec<Vec<u8>>> {
             .context("a rank's metric shares end early")?;
         let length = u64::from_le_bytes(*length) as usize;
         if length > rest.len() {
-            bail!("a rank's metric share claims {length} bytes, {} are left", rest.len());
+            bail!(
+                "a rank's metric share claims {length} bytes, {} are left",
+                rest.len()
+            );
         }
         shares.push(rest[..length].to_vec());
         bytes = &rest[length..];

@@ -62,6 +62,70 @@ fn two_trainers_and_a_buffer_rank_learn_as_well_as_two_trainers_alone() {
     }
 }
 
+#[test]
+fn two_trainers_and_a_buffer_rank_on_a_bit_sequence() {
+    // A peaked bit sequence (6 modes, β = 16): items are keyed by their terminal sequence, and
+    // the buffer rank counts modes with the environment's own criterion (Hamming distance < 3).
+    let out = scratch("buffer-bitseq");
+    let o = out.to_str().unwrap();
+    let args = [
+        "train",
+        "--out",
+        o,
+        "--num-remote-buffers",
+        "1",
+        "--set",
+        "env.name=bitseq",
+        "--set",
+        "env.n=24",
+        "--set",
+        "env.k=4",
+        "--set",
+        "env.modes=6",
+        "--set",
+        "env.beta=16",
+        "--set",
+        "env.mode_threshold=3",
+        "--set",
+        "model.hidden=128",
+        "--set",
+        "model.backward=uniform",
+        "--set",
+        "sampling.batch_size=8",
+        "--set",
+        "sampling.epsilon=0.01",
+        "--set",
+        "replay.ratio=0.5",
+        "--set",
+        "buffer.policy=unique",
+        "--set",
+        "train.steps=600",
+        "--set",
+        "train.validate_every=300",
+        "--set",
+        "metrics.test_rounds=2",
+        "--set",
+        "train.threads=1",
+        "--device",
+        "cpu",
+    ];
+    let result = mpirun(3, &[], &args);
+    assert_ok(&result);
+    let s = summary(&out);
+    assert_eq!(
+        (s["ranks"].as_u64(), s["remote_buffers"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(s["buffer_received"], 2 * 8 * 600);
+    // One item per distinct terminal sequence, as many as the trainers' union saw.
+    assert_eq!(s["buffer_size"], s["distinct_terminals"], "{s}");
+    assert_eq!(s["buffer_modes_found"], s["modes_found"], "{s}");
+    assert!(s["modes_found"].as_u64().unwrap() >= 4, "{s}");
+    assert!(s["buffer_replayed"].as_u64().unwrap() > 0);
+    assert!(s["spearman"].as_f64().unwrap() > 0.3, "{s}");
+    let _ = std::fs::remove_dir_all(out);
+}
+
 /// One buffer rank and a run long enough (seconds) to kill a rank in the middle of it, with
 /// metrics every 200 steps to tell when the buffer is in use.
 const LONG_RUN: &[&str] = &[

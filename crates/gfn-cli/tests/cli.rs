@@ -20,6 +20,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// A small, fast setting that still exercises replay and an ε schedule.
 const SMALL: &[&str] = &[
+    // The grid's own keys first (train_bitseq leaves them out).
     "--set",
     "env.dim=2",
     "--set",
@@ -44,11 +45,53 @@ const SMALL: &[&str] = &[
     "cpu",
 ];
 
+/// A bit sequence too large to enumerate (257^3 states: no exact metrics), with a small
+/// Transformer, replay and an ε schedule.
+const SMALL_BITSEQ: &[&str] = &[
+    "--set",
+    "env.name=bitseq",
+    "--set",
+    "env.n=24",
+    "--set",
+    "env.k=8",
+    "--set",
+    "env.modes=4",
+    "--set",
+    "env.mode_threshold=6",
+    "--set",
+    "model.architecture=transformer",
+    "--set",
+    "model.transformer.layers=1",
+    "--set",
+    "model.transformer.heads=2",
+    "--set",
+    "model.transformer.width=16",
+    "--set",
+    "model.transformer.ff=16",
+    "--set",
+    "model.backward=uniform",
+    "--set",
+    "metrics.samples=64",
+    "--set",
+    "metrics.top_k=[10]",
+    "--set",
+    "metrics.test_rounds=2",
+];
+
 fn train(out: &Path, steps: u64, extra: &[&str]) -> Output {
     let steps = format!("train.steps={steps}");
     let mut args = vec!["train", "--out", out.to_str().unwrap(), "--set", &steps];
     args.extend_from_slice(SMALL);
     args.extend_from_slice(extra);
+    gfn(&args)
+}
+
+/// `SMALL` on the bit sequence instead of the grid.
+fn train_bitseq(out: &Path, steps: u64) -> Output {
+    let steps = format!("train.steps={steps}");
+    let mut args = vec!["train", "--out", out.to_str().unwrap(), "--set", &steps];
+    args.extend_from_slice(&SMALL[4..]);
+    args.extend_from_slice(SMALL_BITSEQ);
     gfn(&args)
 }
 
@@ -136,6 +179,108 @@ fn a_resumed_run_matches_an_uninterrupted_one_bitwise() {
     let _ = std::fs::remove_dir_all(split);
 }
 
+#[test]
+fn a_resumed_bitseq_run_matches_an_uninterrupted_one_bitwise() {
+    let whole = scratch("bitseq-whole");
+    let split = scratch("bitseq-split");
+    assert!(train_bitseq(&whole, 30).status.success());
+    let first = train_bitseq(&split, 20);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let resumed = gfn(&[
+        "train",
+        "--resume",
+        split.to_str().unwrap(),
+        "--set",
+        "train.steps=30",
+    ]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        params(&whole),
+        params(&split),
+        "parameters after 30 steps differ"
+    );
+    let summary = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (summary(&whole), summary(&split));
+    assert!(
+        a.get("exact_tv").is_none(),
+        "257^3 states are not enumerated: {a}"
+    );
+    for key in [
+        "loss",
+        "modes_found",
+        "distinct_terminals",
+        "spearman",
+        "pearson",
+        "elbo",
+        "top_10_reward",
+        "log_z",
+    ] {
+        assert!(a.get(key).is_some(), "summary lacks {key}: {a}");
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    let _ = std::fs::remove_dir_all(whole);
+    let _ = std::fs::remove_dir_all(split);
+}
+
+#[test]
+fn the_env_section_is_the_named_environment_s_own() {
+    let out = scratch("env-section");
+    let config = out.with_extension("toml");
+    // A section without a name is HyperGrid's; naming another one starts its keys afresh.
+    std::fs::write(&config, "[env]\ndim = 2\nheight = 5\n").unwrap();
+    let o = out.to_str().unwrap();
+    let c = config.to_str().unwrap();
+    let result = gfn(&[
+        "train",
+        "--out",
+        o,
+        "--config",
+        c,
+        "--set",
+        "train.steps=2",
+        "--set",
+        "env.name=bitseq_append",
+        "--set",
+        "env.n=8",
+        "--set",
+        "env.k=2",
+        "--set",
+        "env.modes=2",
+        "--set",
+        "model.hidden=8",
+        "--set",
+        "train.eval_samples=100",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let written = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        written.contains("name = \"bitseq_append\"") && written.contains("n = 8"),
+        "{written}"
+    );
+    assert!(!written.contains("height"), "{written}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["env"], "bitseq_append n=8 k=2 modes=2");
+    let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::remove_file(config);
+}
+
 fn assert_clean_error(output: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -174,6 +319,28 @@ fn bad_input_gets_a_one_line_error_naming_field_and_value() {
         (&["--set", "env.hieght=3"], &["hieght"]),
         (&["--set", "optim.lr=-1"], &["optim.lr", "-1"]),
         (&["--device", "tpu"], &["train.device", "tpu"]),
+        (&["--set", "env.name=sudoku"], &["env", "sudoku", "bitseq"]),
+        (
+            &["--set", "env.name=bitseq", "--set", "env.dim=3"],
+            &["dim"],
+        ),
+        (
+            &["--set", "env.name=bitseq", "--set", "env.k=7"],
+            &["env.n", "120"],
+        ),
+        (
+            &["--set", "env.name=bitseq", "--set", "loss.name=modified_db"],
+            &["loss.name", "modified_db"],
+        ),
+        (
+            &[
+                "--set",
+                "model.architecture=transformer",
+                "--set",
+                "model.transformer.width=10",
+            ],
+            &["model.transformer.width", "10"],
+        ),
     ];
     for (args, needles) in cases {
         let mut full = vec!["train", "--out", o];

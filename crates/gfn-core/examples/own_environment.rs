@@ -49,11 +49,19 @@ impl Knapsack {
     }
 
     fn weight(&self, state: &[i64]) -> u32 {
-        state.iter().zip(&self.items).map(|(&s, &(w, _))| s as u32 * w).sum()
+        state
+            .iter()
+            .zip(&self.items)
+            .map(|(&s, &(w, _))| s as u32 * w)
+            .sum()
     }
 
     fn value(&self, state: &[i64]) -> f32 {
-        state.iter().zip(&self.items).map(|(&s, &(_, v))| s as f32 * v).sum()
+        state
+            .iter()
+            .zip(&self.items)
+            .map(|(&s, &(_, v))| s as f32 * v)
+            .sum()
     }
 }
 
@@ -141,7 +149,11 @@ impl Enumerable for Knapsack {
         1u64.checked_shl(self.items.len() as u32)
     }
     fn state_index(&self, state: &[i64]) -> usize {
-        state.iter().enumerate().map(|(i, &s)| (s as usize) << i).sum()
+        state
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s as usize) << i)
+            .sum()
     }
     fn state_from_index(&self, index: usize, out: &mut [i64]) {
         for (i, o) in out.iter_mut().enumerate() {
@@ -174,7 +186,15 @@ impl Modes for Knapsack {
 
 fn knapsack() -> Knapsack {
     Knapsack::new(
-        vec![(3, 1.0), (4, 1.3), (2, 0.4), (5, 1.6), (1, 0.2), (3, 0.9), (2, 0.7)],
+        vec![
+            (3, 1.0),
+            (4, 1.3),
+            (2, 0.4),
+            (5, 1.6),
+            (1, 0.2),
+            (3, 0.9),
+            (2, 0.7),
+        ],
         10,
     )
 }
@@ -218,11 +238,16 @@ fn train(steps: u64) -> gfn_core::Result<gfn_core::train::Evaluation> {
 
 fn main() -> gfn_core::Result<()> {
     let env = knapsack();
-    let report = check_environment(&env, 1 << 12, 100, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
-        .map_err(|reason| gfn_core::Error::Environment {
-            env: env.describe(),
-            reason,
-        })?;
+    let report = check_environment(
+        &env,
+        1 << 12,
+        100,
+        &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+    )
+    .map_err(|reason| gfn_core::Error::Environment {
+        env: env.describe(),
+        reason,
+    })?;
     println!(
         "{}: contract holds over {} states, {} transitions, {} terminal",
         env.describe(),
@@ -244,9 +269,13 @@ mod tests {
     #[test]
     fn the_knapsack_keeps_the_contract_and_learns_its_target() {
         let env = knapsack();
-        let report =
-            check_environment(&env, 1 << 12, 100, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
-                .unwrap();
+        let report = check_environment(
+            &env,
+            1 << 12,
+            100,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+        )
+        .unwrap();
         // 2^7 packings, of which those within the capacity are reachable.
         assert!(report.states > 64 && report.states < 128, "{report:?}");
         let eval = train(1500).unwrap();

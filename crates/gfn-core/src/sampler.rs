@@ -130,7 +130,10 @@ pub fn rollout(
         if length > env.max_trajectory_length() {
             return Err(contract(
                 env,
-                format!("trajectories run past max_trajectory_length = {}", length - 1),
+                format!(
+                    "trajectories run past max_trajectory_length = {}",
+                    length - 1
+                ),
             ));
         }
         unique.fill(&batch, d);
@@ -139,12 +142,20 @@ pub fn rollout(
         // The policy runs only on states with an action to take.
         live_rows.clear();
         live_of.clear();
-        for (u, (row, mask)) in unique.rows.chunks_exact(d).zip(masks.chunks_exact(n_actions)).enumerate() {
+        for (u, (row, mask)) in unique
+            .rows
+            .chunks_exact(d)
+            .zip(masks.chunks_exact(n_actions))
+            .enumerate()
+        {
             if mask.contains(&true) {
                 live_of.push(live_rows.len() / d);
                 live_rows.extend_from_slice(row);
             } else if exit.is_some() {
-                return Err(contract(env, format!("state {row:?} allows no action, not even the exit")));
+                return Err(contract(
+                    env,
+                    format!("state {row:?} allows no action, not even the exit"),
+                ));
             } else {
                 live_of.push(usize::MAX);
             }
@@ -285,7 +296,10 @@ pub fn backward_rollout(
         if length >= env.max_trajectory_length() {
             return Err(contract(
                 env,
-                format!("backward trajectories run past max_trajectory_length = {}", length),
+                format!(
+                    "backward trajectories run past max_trajectory_length = {}",
+                    length
+                ),
             ));
         }
         unique.fill(&batch, d);
@@ -302,7 +316,10 @@ pub fn backward_rollout(
             let mask = &masks[u * n_back..(u + 1) * n_back];
             if !mask.contains(&true) {
                 let state = &batch[row * d..(row + 1) * d];
-                return Err(contract(env, format!("state {state:?} is not s0 but has no parent")));
+                return Err(contract(
+                    env,
+                    format!("state {state:?} is not s0 but has no parent"),
+                ));
             }
             let logits = &logits[u * n_back..(u + 1) * n_back];
             let b = choose_action(logits, mask, Exploration::ON_POLICY, rng, &mut scratch);

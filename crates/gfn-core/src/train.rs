@@ -97,7 +97,10 @@ impl TrainConfig {
             return Err(Error::invalid(
                 "loss.name",
                 "modified_db",
-                format!("needs an environment where every state can terminate, which {} is not", env.describe()),
+                format!(
+                    "needs an environment where every state can terminate, which {} is not",
+                    env.describe()
+                ),
             ));
         }
         Ok(())
@@ -169,7 +172,10 @@ impl Evaluation {
 
 /// A map of the values by name; whole numbers (counts such as modes_found) as JSON integers.
 impl Serialize for Evaluation {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(Some(self.values.len()))?;
         for (k, v) in self.values.iter().map(|(k, v)| (k, *v)) {
@@ -401,7 +407,9 @@ impl TrainState {
             None => metrics.compute(&mut ctx),
         }?;
         let mut values = Values::new();
-        if let Some(log_z) = estimated_log_z(self.config.loss.kind, self.env.as_ref(), &self.estimators) {
+        if let Some(log_z) =
+            estimated_log_z(self.config.loss.kind, self.env.as_ref(), &self.estimators)
+        {
             values.push(("log_z".into(), log_z));
         }
         values.extend(computed);

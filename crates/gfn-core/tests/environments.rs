@@ -26,10 +26,16 @@ fn every_environment_keeps_its_contract_over_all_small_states() {
     let report = check(&BitSeq::new(small_bitseq(2)).unwrap(), 1 << 20, 0);
     assert_eq!((report.states, report.terminal_states), (625, 256));
     // Every written position can be emptied: 4 · 4^1 · C(4,1) ... edges = Σ_k C(4,k)·4^k·k.
-    assert_eq!(report.transitions, 4 * 4 + 6 * 16 * 2 + 4 * 64 * 3 + 256 * 4);
+    assert_eq!(
+        report.transitions,
+        4 * 4 + 6 * 16 * 2 + 4 * 64 * 3 + 256 * 4
+    );
     let report = check(&BitSeqAppend::new(small_bitseq(2)).unwrap(), 1 << 20, 0);
     assert_eq!((report.states, report.terminal_states), (341, 256));
-    assert_eq!(report.transitions, 340, "a tree: one parent per state but s0");
+    assert_eq!(
+        report.transitions, 340,
+        "a tree: one parent per state but s0"
+    );
 }
 
 #[test]
@@ -96,7 +102,11 @@ fn the_reward_is_minus_beta_times_the_hamming_distance_over_n() {
     // A mode written word by word (8 bits, most significant first) has log R = 0.
     let words = |bits: &[u64]| -> Vec<i64> {
         (0..15)
-            .map(|p| (0..8).fold(0i64, |w, j| (w << 1) | ((bits[(p * 8 + j) / 64] >> ((p * 8 + j) % 64)) & 1) as i64))
+            .map(|p| {
+                (0..8).fold(0i64, |w, j| {
+                    (w << 1) | ((bits[(p * 8 + j) / 64] >> ((p * 8 + j) % 64)) & 1) as i64
+                })
+            })
             .collect()
     };
     let mut log_r = [0f32; 2];
@@ -112,9 +122,16 @@ fn the_reward_is_minus_beta_times_the_hamming_distance_over_n() {
     let mut bits = modes.mode(7).to_vec();
     bits[0] ^= 1 << 7;
     bits[1] ^= 1 << (112 - 64);
-    let nearest = (0..60).map(|m| hamming(&bits, modes.mode(m))).min().unwrap();
+    let nearest = (0..60)
+        .map(|m| hamming(&bits, modes.mode(m)))
+        .min()
+        .unwrap();
     assert_eq!(nearest, 2);
-    assert!((log_r[1] as f64 - (-3.0 * 2.0 / 120.0)).abs() < 1e-6, "{}", log_r[1]);
+    assert!(
+        (log_r[1] as f64 - (-3.0 * 2.0 / 120.0)).abs() < 1e-6,
+        "{}",
+        log_r[1]
+    );
     // Every mode block is one of the five motifs.
     let first = words(modes.mode(0));
     assert!(first.iter().all(|&w| MOTIFS.contains(&(w as u8))));
@@ -124,7 +141,11 @@ fn the_reward_is_minus_beta_times_the_hamming_distance_over_n() {
 fn the_test_set_is_gfnx_s() {
     let env = BitSeq::new(BitSeqConfig::default()).unwrap();
     let test = env.test_set().unwrap();
-    assert_eq!(test.len(), 7200 * 15, "60 modes × 120 copies, 15 words each");
+    assert_eq!(
+        test.len(),
+        7200 * 15,
+        "60 modes × 120 copies, 15 words each"
+    );
     let mut log_r = vec![0f32; 7200];
     env.log_reward(&test, &mut log_r);
     // Copy c of a mode has c bits flipped: its distance to that mode is c, so log R ≥ −3c/120.
@@ -148,10 +169,36 @@ fn enumeration_is_offered_where_it_fits() {
 #[test]
 fn bad_bitseq_configs_name_the_field() {
     let err = |config: BitSeqConfig| BitSeq::new(config).unwrap_err().to_string();
-    assert!(err(BitSeqConfig { k: 7, ..BitSeqConfig::default() }).contains("env.n = 120"));
-    assert!(err(BitSeqConfig { k: 0, ..BitSeqConfig::default() }).contains("env.k = 0"));
-    assert!(err(BitSeqConfig { n: 12, k: 4, ..BitSeqConfig::default() }).contains("env.n = 12"));
-    assert!(err(BitSeqConfig { modes: 0, ..BitSeqConfig::default() }).contains("env.modes = 0"));
-    assert!(err(BitSeqConfig { beta: f64::NAN, ..BitSeqConfig::default() }).contains("env.beta"));
-    assert!(err(BitSeqConfig { k: 16, n: 512, ..BitSeqConfig::default() }).contains("env.k = 16"));
+    assert!(err(BitSeqConfig {
+        k: 7,
+        ..BitSeqConfig::default()
+    })
+    .contains("env.n = 120"));
+    assert!(err(BitSeqConfig {
+        k: 0,
+        ..BitSeqConfig::default()
+    })
+    .contains("env.k = 0"));
+    assert!(err(BitSeqConfig {
+        n: 12,
+        k: 4,
+        ..BitSeqConfig::default()
+    })
+    .contains("env.n = 12"));
+    assert!(err(BitSeqConfig {
+        modes: 0,
+        ..BitSeqConfig::default()
+    })
+    .contains("env.modes = 0"));
+    assert!(err(BitSeqConfig {
+        beta: f64::NAN,
+        ..BitSeqConfig::default()
+    })
+    .contains("env.beta"));
+    assert!(err(BitSeqConfig {
+        k: 16,
+        n: 512,
+        ..BitSeqConfig::default()
+    })
+    .contains("env.k = 16"));
 }

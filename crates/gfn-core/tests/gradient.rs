@@ -38,7 +38,8 @@ fn loss_gradients_match_finite_differences() {
                 temperature: 1.0,
             },
             &mut ChaCha8Rng::seed_from_u64(9),
-        ).unwrap();
+        )
+        .unwrap();
         let loss_config = LossConfig::new(kind);
         let loss_at = |est: &Estimators| {
             tch::no_grad(|| {

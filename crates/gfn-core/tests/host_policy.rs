@@ -145,12 +145,7 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
     };
     for i in 0..s {
         close(got_pf[i], log_pf[i * na + batch.actions[i]], "log P_F", i);
-        close(
-            got_exit[i],
-            log_pf[i * na + exit],
-            "log P_F(exit)",
-            i,
-        );
+        close(got_exit[i], log_pf[i * na + exit], "log P_F(exit)", i);
         let want_pb = if is_first[i] {
             0.0
         } else {

@@ -24,10 +24,13 @@ fn random_forward(env: &dyn Environment, backward: BackwardPolicy) -> Estimators
         log_flow: false,
         log_z: false,
     };
-    let mut est = Estimators::new(env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(6)).unwrap();
+    let mut est =
+        Estimators::new(env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(6)).unwrap();
     let n = all_states(env).unwrap().len() / env.state_dim();
     let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let logits: Vec<f64> = (0..n * env.n_actions()).map(|_| rng.gen_range(-2.0..2.0)).collect();
+    let logits: Vec<f64> = (0..n * env.n_actions())
+        .map(|_| rng.gen_range(-2.0..2.0))
+        .collect();
     set_param(&mut est, "pf.table", &logits);
     est
 }
@@ -99,7 +102,11 @@ fn the_posterior_backward_policy_makes_every_estimate_exact() {
         set_posterior_backward(env.as_ref(), &mut est);
         let (exact, estimated) = estimate(env.as_ref(), &est, 2);
         for (i, (e, s)) in exact.iter().zip(&estimated).enumerate() {
-            assert!((e - s).abs() < 1e-4, "{}: terminal state {i}: {s} vs {e}", env.describe());
+            assert!(
+                (e - s).abs() < 1e-4,
+                "{}: terminal state {i}: {s} vs {e}",
+                env.describe()
+            );
         }
     }
 }
@@ -111,10 +118,22 @@ fn a_uniform_backward_policy_converges_over_rounds() {
         let (exact, estimated) = estimate(env.as_ref(), &est, 1500);
         // Unbiased in probability space: the estimates still sum to about 1.
         let total: f64 = estimated.iter().map(|l| l.exp()).sum();
-        let mut errors: Vec<f64> = exact.iter().zip(&estimated).map(|(e, s)| (e - s).abs()).collect();
+        let mut errors: Vec<f64> = exact
+            .iter()
+            .zip(&estimated)
+            .map(|(e, s)| (e - s).abs())
+            .collect();
         errors.sort_by(f64::total_cmp);
         let median = errors[errors.len() / 2];
-        assert!((total - 1.0).abs() < 0.02, "{}: Σ p̂ = {total}", env.describe());
-        assert!(median < 0.05, "{}: median |log p̂ − log p| = {median}", env.describe());
+        assert!(
+            (total - 1.0).abs() < 0.02,
+            "{}: Σ p̂ = {total}",
+            env.describe()
+        );
+        assert!(
+            median < 0.05,
+            "{}: median |log p̂ − log p| = {median}",
+            env.describe()
+        );
     }
 }

@@ -63,7 +63,8 @@ fn loss_on_explored_batch(env: &dyn Environment, est: &Estimators, config: &Loss
             temperature: 1.0,
         },
         &mut rng,
-    ).unwrap();
+    )
+    .unwrap();
     let p = est.params.views();
     compute_loss(config, env, est, &p, &batch).double_value(&[])
 }
@@ -110,7 +111,10 @@ fn check_every_loss_at_the_optimum(env: &dyn Environment, kinds: &[LossKind]) {
         let case = format!("{}: {config:?}", env.describe());
         let mut est = optimal_estimators(env, config.kind);
         let at_optimum = loss_on_explored_batch(env, &est, &config);
-        assert!(at_optimum < 1e-8, "{case}: loss {at_optimum:e} at the optimum");
+        assert!(
+            at_optimum < 1e-8,
+            "{case}: loss {at_optimum:e} at the optimum"
+        );
         match estimated_log_z(config.kind, env, &est) {
             Some(log_z) => assert!(
                 (log_z - truth.log_z).abs() < 1e-4,
@@ -124,7 +128,10 @@ fn check_every_loss_at_the_optimum(env: &dyn Environment, kinds: &[LossKind]) {
         }
         perturb_forward(&mut est, &mut rng);
         let perturbed = loss_on_explored_batch(env, &est, &config);
-        assert!(perturbed > 1e-3, "{case}: loss {perturbed:e} after perturbation");
+        assert!(
+            perturbed > 1e-3,
+            "{case}: loss {perturbed:e} after perturbation"
+        );
     }
 }
 
@@ -132,7 +139,13 @@ fn check_every_loss_at_the_optimum(env: &dyn Environment, kinds: &[LossKind]) {
 fn every_loss_is_zero_at_the_optimum_and_positive_when_perturbed() {
     check_every_loss_at_the_optimum(
         &grid(3, 4, 0.1),
-        &[LossKind::Tb, LossKind::Db, LossKind::Fm, LossKind::Zvar, LossKind::ModifiedDb],
+        &[
+            LossKind::Tb,
+            LossKind::Db,
+            LossKind::Fm,
+            LossKind::Zvar,
+            LossKind::ModifiedDb,
+        ],
     );
 }
 

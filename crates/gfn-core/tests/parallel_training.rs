@@ -90,7 +90,8 @@ fn split_backward_gives_the_one_thread_loss_and_gradients() {
                     12,
                     EXPLORATION,
                     &mut ChaCha8Rng::seed_from_u64(8),
-                ).unwrap();
+                )
+                .unwrap();
                 let config = LossConfig::new(kind);
                 let (loss_1, grad_1) = loss_and_gradient(&env, &mut est, &config, &batch, 1);
                 let case = format!("{kind:?} {architecture:?} {backward:?}");
@@ -173,7 +174,8 @@ fn split_rollout_is_its_shares_rolled_out_in_order() {
     let pool = training_pool(3).unwrap();
     for n in [1, 2, 3, 7, 16] {
         let mut rng = ChaCha8Rng::seed_from_u64(21);
-        let batch = sample_trajectories_parallel(&pool, &env, &est, n, EXPLORATION, &mut rng).unwrap();
+        let batch =
+            sample_trajectories_parallel(&pool, &env, &est, n, EXPLORATION, &mut rng).unwrap();
 
         // The shares' sizes and seeds as documented, each rolled out on this thread.
         let mut expected_rng = ChaCha8Rng::seed_from_u64(21);
@@ -188,7 +190,8 @@ fn split_rollout_is_its_shares_rolled_out_in_order() {
                 count,
                 EXPLORATION,
                 &mut ChaCha8Rng::seed_from_u64(seed),
-            ).unwrap();
+            )
+            .unwrap();
             expected.extend(&part);
         }
         assert_eq!(batch.len(), n);

@@ -2,7 +2,9 @@
 //! distribution where it is known and by the modes found.
 //! Thresholds were set from measured runs (see the README); runs are deterministic per seed.
 
-use gfn_core::env::{BitSeq, BitSeqAppend, BitSeqConfig, Environment, HyperGrid, HyperGridConfig, RewardPreset};
+use gfn_core::env::{
+    BitSeq, BitSeqAppend, BitSeqConfig, Environment, HyperGrid, HyperGridConfig, RewardPreset,
+};
 use gfn_core::estimators::{Architecture, BackwardPolicy};
 mod common;
 
@@ -135,7 +137,11 @@ fn tb_finds_every_mode_of_a_peaked_bitseq() {
     .unwrap();
     let mut state = train_on(Box::new(env), bitseq_config(LossKind::Tb), 1000);
     let eval = state.evaluate().unwrap();
-    assert_eq!(eval.get("modes_found"), Some(6.0), "after 1000 steps: {eval:?}");
+    assert_eq!(
+        eval.get("modes_found"),
+        Some(6.0),
+        "after 1000 steps: {eval:?}"
+    );
     assert!(eval.get("spearman").unwrap() > 0.5, "{eval:?}");
 }
 

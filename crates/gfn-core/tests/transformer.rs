@@ -25,7 +25,13 @@ const CONFIG: TransformerConfig = TransformerConfig {
 fn affine(x: &[f64], w: &[f64], b: &[f64]) -> Vec<f64> {
     let out = b.len();
     (0..out)
-        .map(|j| b[j] + x.iter().enumerate().map(|(i, xi)| xi * w[i * out + j]).sum::<f64>())
+        .map(|j| {
+            b[j] + x
+                .iter()
+                .enumerate()
+                .map(|(i, xi)| xi * w[i * out + j])
+                .sum::<f64>()
+        })
         .collect()
 }
 
@@ -59,7 +65,10 @@ fn encode(est: &Estimators, net: &str, tokens: &[i64]) -> Vec<Vec<f64>> {
         .collect();
     for l in 0..CONFIG.layers {
         let p = |name: &str| param(est, &format!("{net}.layer.{l}.{name}"));
-        let qkv: Vec<Vec<f64>> = x.iter().map(|row| affine(row, &p("qkv.weight"), &p("qkv.bias"))).collect();
+        let qkv: Vec<Vec<f64>> = x
+            .iter()
+            .map(|row| affine(row, &p("qkv.weight"), &p("qkv.bias")))
+            .collect();
         let mut attended = vec![vec![0.0; w]; x.len()];
         for head in 0..h {
             for (i, out) in attended.iter_mut().enumerate() {
@@ -112,7 +121,10 @@ fn values(t: &tch::Tensor) -> Vec<f64> {
 fn close(got: &[f64], want: &[f64], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "{what}[{i}]: {g} vs {w}");
+        assert!(
+            (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+            "{what}[{i}]: {g} vs {w}"
+        );
     }
 }
 
@@ -126,7 +138,9 @@ fn some_states(env: &dyn Environment) -> Vec<i64> {
     for step in 0..env.max_trajectory_length() {
         states.extend_from_slice(&state);
         env.forward_masks(&state, &mut mask);
-        let moves: Vec<usize> = (0..mask.len()).filter(|&a| mask[a] && Some(a) != exit).collect();
+        let moves: Vec<usize> = (0..mask.len())
+            .filter(|&a| mask[a] && Some(a) != exit)
+            .collect();
         if moves.is_empty() {
             break;
         }
@@ -155,9 +169,16 @@ fn check_against_the_loops(env: &dyn Environment, backward: BackwardPolicy) {
     };
     let out = tch::no_grad(|| est.forward(&est.params.views(), &est.input(env, &states), wanted));
     let (mut pf, mut pb, mut flow) = (Vec::new(), Vec::new(), Vec::new());
-    let pb_net = if backward == BackwardPolicy::Tied { "pf" } else { "pb" };
+    let pb_net = if backward == BackwardPolicy::Tied {
+        "pf"
+    } else {
+        "pb"
+    };
     for row in ids.chunks_exact(length) {
-        let head = |encoded: &[Vec<f64>], name: &str, layout: Option<gfn_core::env::TokenLayout>, total: usize| {
+        let head = |encoded: &[Vec<f64>],
+                    name: &str,
+                    layout: Option<gfn_core::env::TokenLayout>,
+                    total: usize| {
             let mut logits = Vec::new();
             if let Some(l) = layout {
                 for position in 0..l.positions {
@@ -178,16 +199,38 @@ fn check_against_the_loops(env: &dyn Environment, backward: BackwardPolicy) {
             logits
         };
         let encoded = encode(&est, "pf", row);
-        pf.extend(head(&encoded, "pf", tokens.forward_layout(), env.n_actions()));
+        pf.extend(head(
+            &encoded,
+            "pf",
+            tokens.forward_layout(),
+            env.n_actions(),
+        ));
         let encoded_pb = encode(&est, pb_net, row);
-        pb.extend(head(&encoded_pb, "pb", tokens.backward_layout(), env.n_backward_actions()));
+        pb.extend(head(
+            &encoded_pb,
+            "pb",
+            tokens.backward_layout(),
+            env.n_backward_actions(),
+        ));
         let encoded_flow = encode(&est, "log_flow", row);
         flow.extend(head(&encoded_flow, "log_flow", None, 1));
     }
     let case = format!("{} {backward:?}", env.describe());
-    close(&values(&out.pf_logits.unwrap()), &pf, &format!("{case}: P_F logits"));
-    close(&values(&out.pb_logits.unwrap()), &pb, &format!("{case}: P_B logits"));
-    close(&values(&out.log_flow.unwrap()), &flow, &format!("{case}: log F"));
+    close(
+        &values(&out.pf_logits.unwrap()),
+        &pf,
+        &format!("{case}: P_F logits"),
+    );
+    close(
+        &values(&out.pb_logits.unwrap()),
+        &pb,
+        &format!("{case}: P_B logits"),
+    );
+    close(
+        &values(&out.log_flow.unwrap()),
+        &flow,
+        &format!("{case}: log F"),
+    );
 }
 
 #[test]

@@ -27,7 +27,12 @@ impl BitSeq {
 impl Environment for BitSeq {
     fn describe(&self) -> String {
         let c = &self.reward.config;
-        format!("bitseq n={} k={} modes={}", c.n, c.k, self.reward.modes.len())
+        format!(
+            "bitseq n={} k={} modes={}",
+            c.n,
+            c.k,
+            self.reward.modes.len()
+        )
     }
     fn state_dim(&self) -> usize {
         self.reward.length
@@ -123,7 +128,7 @@ impl Enumerable for BitSeq {
         self.reward.index(state)
     }
     fn state_from_index(&self, index: usize, out: &mut [i64]) {
-        self.reward.from_index(index, out);
+        self.reward.state_of(index, out);
     }
 }
 

@@ -27,14 +27,21 @@ impl BitSeqAppend {
     /// States of fewer than `len` words: Σ_{l < len} (2^k)^l.
     fn states_shorter_than(&self, len: usize) -> Option<u64> {
         let choices = self.reward.choices as u64;
-        (0..len).try_fold(0u64, |total, l| total.checked_add(choices.checked_pow(l as u32)?))
+        (0..len).try_fold(0u64, |total, l| {
+            total.checked_add(choices.checked_pow(l as u32)?)
+        })
     }
 }
 
 impl Environment for BitSeqAppend {
     fn describe(&self) -> String {
         let c = &self.reward.config;
-        format!("bitseq_append n={} k={} modes={}", c.n, c.k, self.reward.modes.len())
+        format!(
+            "bitseq_append n={} k={} modes={}",
+            c.n,
+            c.k,
+            self.reward.modes.len()
+        )
     }
     fn state_dim(&self) -> usize {
         self.reward.length
@@ -79,7 +86,10 @@ impl Environment for BitSeqAppend {
 
     fn forward_masks(&self, states: &[i64], out: &mut [bool]) {
         let (length, choices) = (self.reward.length, self.reward.choices);
-        for (state, mask) in states.chunks_exact(length).zip(out.chunks_exact_mut(choices + 1)) {
+        for (state, mask) in states
+            .chunks_exact(length)
+            .zip(out.chunks_exact_mut(choices + 1))
+        {
             let full = Self::written(state) == length;
             mask[..choices].fill(!full);
             mask[choices] = full;
@@ -126,14 +136,22 @@ impl Enumerable for BitSeqAppend {
     }
     fn state_index(&self, state: &[i64]) -> usize {
         let len = Self::written(state);
-        let offset = self.states_shorter_than(len).expect("indexed only when enumerable");
+        let offset = self
+            .states_shorter_than(len)
+            .expect("indexed only when enumerable");
         let choices = self.reward.choices;
-        offset as usize + state[..len].iter().fold(0, |acc, &w| acc * choices + w as usize)
+        offset as usize
+            + state[..len]
+                .iter()
+                .fold(0, |acc, &w| acc * choices + w as usize)
     }
     fn state_from_index(&self, index: usize, out: &mut [i64]) {
         let choices = self.reward.choices;
         let mut len = 0;
-        while self.states_shorter_than(len + 1).is_some_and(|n| n as usize <= index) {
+        while self
+            .states_shorter_than(len + 1)
+            .is_some_and(|n| n as usize <= index)
+        {
             len += 1;
         }
         let mut value = index - self.states_shorter_than(len).expect("below n_states") as usize;

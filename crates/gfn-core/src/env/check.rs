@@ -117,10 +117,15 @@ impl Checker<'_> {
         let exit = match env.termination() {
             Termination::ExitAction(exit) => {
                 if exit >= env.n_actions() {
-                    return Err(format!("exit action {exit} is not below n_actions = {}", env.n_actions()));
+                    return Err(format!(
+                        "exit action {exit} is not below n_actions = {}",
+                        env.n_actions()
+                    ));
                 }
                 if !mask.contains(&true) {
-                    return Err(format!("state {state:?} allows no action, not even the exit"));
+                    return Err(format!(
+                        "state {state:?} allows no action, not even the exit"
+                    ));
                 }
                 Some(exit)
             }
@@ -136,17 +141,23 @@ impl Checker<'_> {
             }
             let b = env.backward_action_of(state, a);
             if b >= env.n_backward_actions() {
-                return Err(format!("backward_action_of({state:?}, {a}) = {b} is not below n_backward_actions"));
+                return Err(format!(
+                    "backward_action_of({state:?}, {a}) = {b} is not below n_backward_actions"
+                ));
             }
             let mut back = vec![false; env.n_backward_actions()];
             env.backward_masks(&child, &mut back);
             if !back[b] {
-                return Err(format!("child {child:?} of {state:?} by {a} does not allow backward action {b}"));
+                return Err(format!(
+                    "child {child:?} of {state:?} by {a} does not allow backward action {b}"
+                ));
             }
             let mut parent = child.clone();
             env.backward_step(&mut parent, &[b]);
             if parent != state {
-                return Err(format!("backward action {b} from {child:?} gives {parent:?}, not {state:?}"));
+                return Err(format!(
+                    "backward action {b} from {child:?} gives {parent:?}, not {state:?}"
+                ));
             }
             if env.forward_action_of(&child, b) != a {
                 return Err(format!("forward_action_of({child:?}, {b}) is not {a}"));
@@ -179,7 +190,10 @@ impl Checker<'_> {
             let mut ids = vec![-1i64; tokens.length()];
             tokens.tokenize(state, &mut ids);
             if ids.iter().any(|&t| t < 0 || t as usize >= tokens.vocab()) {
-                return Err(format!("tokens {ids:?} of {state:?} are not all in 0..{}", tokens.vocab()));
+                return Err(format!(
+                    "tokens {ids:?} of {state:?} are not all in 0..{}",
+                    tokens.vocab()
+                ));
             }
         }
         Ok(())
@@ -202,7 +216,9 @@ impl Checker<'_> {
                 ));
             }
             if edges.is_empty() && allowed > 0 {
-                return Err(format!("the initial state {child:?} allows {allowed} backward actions"));
+                return Err(format!(
+                    "the initial state {child:?} allows {allowed} backward actions"
+                ));
             }
             for b in (0..back.len()).filter(|&b| back[b]) {
                 let mut parent = child.clone();
@@ -233,7 +249,9 @@ impl Checker<'_> {
         for (state, edges) in &self.parents {
             let i = enumeration.state_index(state);
             if i as u64 >= n {
-                return Err(format!("state_index({state:?}) = {i} is not below n_states = {n}"));
+                return Err(format!(
+                    "state_index({state:?}) = {i} is not below n_states = {n}"
+                ));
             }
             enumeration.state_from_index(i, &mut back);
             if &back != state {
@@ -244,7 +262,9 @@ impl Checker<'_> {
             }
             for (parent, _) in edges {
                 if enumeration.state_index(parent) >= i {
-                    return Err(format!("parent {parent:?} of {state:?} does not have a smaller index"));
+                    return Err(format!(
+                        "parent {parent:?} of {state:?} does not have a smaller index"
+                    ));
                 }
             }
         }

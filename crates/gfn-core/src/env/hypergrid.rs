@@ -168,7 +168,12 @@ impl HyperGrid {
 }
 
 impl MaximalReward {
-    fn new(outer: &[bool], inner: &[bool], log_rewards: &[f32; 3], config: HyperGridConfig) -> Self {
+    fn new(
+        outer: &[bool],
+        inner: &[bool],
+        log_rewards: &[f32; 3],
+        config: HyperGridConfig,
+    ) -> Self {
         let count = |band: &[bool]| band.iter().filter(|&&b| b).count() as u64;
         let (h, m1, m2) = (config.height as u64, count(outer), count(inner));
         let power = |base: u64| base.saturating_pow(config.dim as u32);

@@ -18,8 +18,8 @@ mod hypergrid;
 mod motifs;
 
 pub use bitseq::BitSeq;
-pub use check::{check_environment, CheckReport};
 pub use bitseq_append::BitSeqAppend;
+pub use check::{check_environment, CheckReport};
 pub use hypergrid::{HyperGrid, HyperGridConfig, RewardPreset};
 pub use motifs::{hamming, hamming_to_modes, BitSeqConfig, ModeSet, MOTIFS};
 

@@ -11,7 +11,13 @@ use serde::{Deserialize, Serialize};
 
 /// The five 8-bit motifs, most significant bit first: 00000000, 11111111, 11110000, 00001111,
 /// 00111100.
-pub const MOTIFS: [u8; 5] = [0b0000_0000, 0b1111_1111, 0b1111_0000, 0b0000_1111, 0b0011_1100];
+pub const MOTIFS: [u8; 5] = [
+    0b0000_0000,
+    0b1111_1111,
+    0b1111_0000,
+    0b0000_1111,
+    0b0011_1100,
+];
 const BLOCK: usize = 8;
 
 /// The modes of a bit-sequence environment, as bitsets.
@@ -49,7 +55,9 @@ impl ModeSet {
         let mut seen = FxHashSet::default();
         let mut modes = Vec::with_capacity(count * words);
         while seen.len() < count {
-            let choice: Vec<u8> = (0..blocks).map(|_| rng.gen_range(0..MOTIFS.len()) as u8).collect();
+            let choice: Vec<u8> = (0..blocks)
+                .map(|_| rng.gen_range(0..MOTIFS.len()) as u8)
+                .collect();
             if seen.insert(choice.clone()) {
                 let mut mode = vec![0u64; words];
                 for (b, &m) in choice.iter().enumerate() {
@@ -205,7 +213,11 @@ impl BitReward {
             return Err(Error::invalid("env.k", k, "must be in 1..=16"));
         }
         if n == 0 || !n.is_multiple_of(k) {
-            return Err(Error::invalid("env.n", n, format!("must be a positive multiple of env.k = {k}")));
+            return Err(Error::invalid(
+                "env.n",
+                n,
+                format!("must be a positive multiple of env.k = {k}"),
+            ));
         }
         let (length, choices) = (n / k, 1usize << k);
         let actions = forward_actions(length, choices);
@@ -217,10 +229,19 @@ impl BitReward {
             ));
         }
         if !(config.beta.is_finite() && config.beta >= 0.0) {
-            return Err(Error::invalid("env.beta", config.beta, "must be finite and >= 0"));
+            return Err(Error::invalid(
+                "env.beta",
+                config.beta,
+                "must be finite and >= 0",
+            ));
         }
         let modes = ModeSet::random(n, config.modes, config.seed)?;
-        Ok(BitReward { config, modes, length, choices })
+        Ok(BitReward {
+            config,
+            modes,
+            length,
+            choices,
+        })
     }
 
     /// The bits of a state's words (empty words as zeros).
@@ -251,7 +272,11 @@ impl BitReward {
     }
 
     pub fn describe_modes(&self) -> String {
-        format!("Hamming distance < {} to one of {} modes", self.config.mode_threshold, self.modes.len())
+        format!(
+            "Hamming distance < {} to one of {} modes",
+            self.config.mode_threshold,
+            self.modes.len()
+        )
     }
 
     /// The test set as complete states (rows of words).
@@ -268,7 +293,10 @@ impl BitReward {
     pub fn encode(&self, states: &[i64], out: &mut [f32]) {
         let width = self.choices + 1;
         out.fill(0.0);
-        for (state, row) in states.chunks_exact(self.length).zip(out.chunks_exact_mut(self.length * width)) {
+        for (state, row) in states
+            .chunks_exact(self.length)
+            .zip(out.chunks_exact_mut(self.length * width))
+        {
             for (p, &w) in state.iter().enumerate() {
                 row[p * width + (w + 1) as usize] = 1.0;
             }
@@ -278,7 +306,10 @@ impl BitReward {
     /// Tokens: BOS (2^k + 1), then each word, 2^k for an empty one (gfnx's layout).
     pub fn tokenize(&self, states: &[i64], out: &mut [i64]) {
         let pad = self.choices as i64;
-        for (state, row) in states.chunks_exact(self.length).zip(out.chunks_exact_mut(self.length + 1)) {
+        for (state, row) in states
+            .chunks_exact(self.length)
+            .zip(out.chunks_exact_mut(self.length + 1))
+        {
             row[0] = pad + 1;
             for (t, &w) in row[1..].iter_mut().zip(state) {
                 *t = if w == EMPTY { pad } else { w };
@@ -290,10 +321,13 @@ impl BitReward {
     /// writing a word raises a digit, so children have larger indices.
     pub fn index(&self, words: &[i64]) -> usize {
         let base = self.choices + 1;
-        words.iter().rev().fold(0, |acc, &w| acc * base + (w + 1) as usize)
+        words
+            .iter()
+            .rev()
+            .fold(0, |acc, &w| acc * base + (w + 1) as usize)
     }
 
-    pub fn from_index(&self, mut index: usize, out: &mut [i64]) {
+    pub fn state_of(&self, mut index: usize, out: &mut [i64]) {
         let base = self.choices + 1;
         for w in out.iter_mut() {
             *w = (index % base) as i64 - 1;
@@ -316,11 +350,17 @@ mod tests {
             assert!(distinct.insert(mode.to_vec()));
             for b in 0..15 {
                 let block = read_bits(mode, b * 8, 8) as u8;
-                assert!(MOTIFS.contains(&block), "block {b} of mode {i}: {block:08b}");
+                assert!(
+                    MOTIFS.contains(&block),
+                    "block {b} of mode {i}: {block:08b}"
+                );
             }
             assert_eq!(set.nearest(mode), 0);
         }
-        assert!(ModeSet::random(8, 6, 0).is_err(), "only 5 one-block modes exist");
+        assert!(
+            ModeSet::random(8, 6, 0).is_err(),
+            "only 5 one-block modes exist"
+        );
         assert!(ModeSet::random(12, 1, 0).is_err());
     }
 

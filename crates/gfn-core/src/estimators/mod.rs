@@ -170,9 +170,9 @@ impl Architecture {
                 Box::new(mlp::Mlp::new(env, b, name, hidden, layers, heads, rng)?)
             }
             Architecture::Tabular => Box::new(tabular::Table::new(env, b, name, heads)?),
-            Architecture::Transformer(config) => {
-                Box::new(transformer::Transformer::new(env, b, name, config, heads, rng)?)
-            }
+            Architecture::Transformer(config) => Box::new(transformer::Transformer::new(
+                env, b, name, config, heads, rng,
+            )?),
         })
     }
 
@@ -206,8 +206,7 @@ impl Estimators {
         let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
         let arch = config.architecture;
         // Tables have no body to share: a tied P_B is a table of its own.
-        let tied =
-            config.backward == BackwardPolicy::Tied && arch != Architecture::Tabular;
+        let tied = config.backward == BackwardPolicy::Tied && arch != Architecture::Tabular;
         let mut networks = vec![arch.build(
             env,
             &mut b,

@@ -63,9 +63,7 @@ impl Network for Table {
 
     fn forward(&self, p: &ParamViews, input: &Tensor, wanted: Wanted) -> Outputs {
         let rows = |table: Option<ParamId>, asked: bool| {
-            table
-                .filter(|_| asked)
-                .map(|t| p[t].index_select(0, input))
+            table.filter(|_| asked).map(|t| p[t].index_select(0, input))
         };
         Outputs {
             pf_logits: rows(self.pf, wanted.pf),

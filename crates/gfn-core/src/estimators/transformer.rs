@@ -46,7 +46,10 @@ impl TransformerConfig {
             return Err(Error::invalid(
                 "model.transformer.width",
                 self.width,
-                format!("must be a positive multiple of model.transformer.heads = {}", self.heads),
+                format!(
+                    "must be a positive multiple of model.transformer.heads = {}",
+                    self.heads
+                ),
             ));
         }
         Ok(())
@@ -64,7 +67,12 @@ impl LayerNorm {
     fn new(b: &mut ParamStoreBuilder, name: &str, width: usize) -> Self {
         let shape = [width as i64];
         LayerNorm {
-            weight: b.add(&format!("{name}.weight"), &shape, ParamGroup::Network, || 1.0),
+            weight: b.add(
+                &format!("{name}.weight"),
+                &shape,
+                ParamGroup::Network,
+                || 1.0,
+            ),
             bias: b.add(&format!("{name}.bias"), &shape, ParamGroup::Network, || 0.0),
         }
     }
@@ -111,7 +119,9 @@ pub(crate) struct Transformer {
 
 /// Token ids as a `[rows, length]` tensor.
 pub(crate) fn input(env: &dyn Environment, states: &[i64]) -> Tensor {
-    let tokens = env.tokens().expect("checked when the Transformer was built");
+    let tokens = env
+        .tokens()
+        .expect("checked when the Transformer was built");
     let rows = states.len() / env.state_dim();
     let mut ids = vec![0i64; rows * tokens.length()];
     tokens.tokenize(states, &mut ids);
@@ -147,7 +157,9 @@ impl Head {
             return Err(Error::invalid(
                 "model.architecture",
                 "transformer",
-                format!("the token layout has {laid_out} actions, more than the {outputs} of {name}"),
+                format!(
+                    "the token layout has {laid_out} actions, more than the {outputs} of {name}"
+                ),
             ));
         }
         let per_token = layout.map(|l| {
@@ -194,7 +206,10 @@ impl Transformer {
             Error::invalid(
                 "model.architecture",
                 "transformer",
-                format!("needs a token encoding, which {} does not offer", env.describe()),
+                format!(
+                    "needs a token encoding, which {} does not offer",
+                    env.describe()
+                ),
             )
         })?;
         let width = config.width;
@@ -315,7 +330,11 @@ mod tests {
         // t = 2: angles 2 and 2 / 100 for the two frequencies.
         let expected = [2f64.sin(), 2f64.cos(), 0.02f64.sin(), 0.02f64.cos()];
         for (i, e) in expected.iter().enumerate() {
-            assert!((pe[8 + i] as f64 - e).abs() < 1e-6, "{i}: {} vs {e}", pe[8 + i]);
+            assert!(
+                (pe[8 + i] as f64 - e).abs() < 1e-6,
+                "{i}: {} vs {e}",
+                pe[8 + i]
+            );
         }
         assert_eq!(&pe[..4], &[0.0, 1.0, 0.0, 1.0]);
     }

@@ -13,7 +13,11 @@ pub fn detailed_balance(ev: &Evaluated, batch: &PreparedBatch) -> Tensor {
     let log_r = batch
         .log_rewards
         .index_select(0, &batch.trajectory_of_state);
-    let sink = if batch.exits { log_r } else { log_r + next_log_pb };
+    let sink = if batch.exits {
+        log_r
+    } else {
+        log_r + next_log_pb
+    };
     let target = sink.where_self(&batch.into_sink, &next_flow);
     let residual = (log_flow + &ev.log_pf - target).square();
     if batch.exits {

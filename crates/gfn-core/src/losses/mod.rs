@@ -252,7 +252,11 @@ pub fn prepare(
     let state_row: Vec<i64> = (0..s).map(row).collect();
     let not_first: Vec<bool> = is_first.iter().map(|f| !f).collect();
     let not_last: Vec<bool> = is_last.iter().map(|f| !f).collect();
-    let starts_edge: Vec<bool> = if exits { vec![true; s] } else { not_last.clone() };
+    let starts_edge: Vec<bool> = if exits {
+        vec![true; s]
+    } else {
+        not_last.clone()
+    };
     let into_sink: Vec<bool> = if exits {
         is_last.clone()
     } else {
@@ -514,7 +518,9 @@ pub fn pool_pays(
         LossKind::Subtb => trajectories * (max_length + 1) * (max_length + 1),
         _ => trajectories * max_length,
     };
-    let groups = estimators.independent_groups(estimators.all_outputs()).len();
+    let groups = estimators
+        .independent_groups(estimators.all_outputs())
+        .len();
     let uneven = groups > 1 && !groups.is_multiple_of(threads.max(1));
     loss_elements <= 1 << 16 && !(uneven && trajectories * max_length > 1 << 10)
 }

@@ -15,10 +15,8 @@ pub fn modified_detailed_balance(ev: &Evaluated, batch: &PreparedBatch) -> Tenso
         .log_pf_exit
         .as_ref()
         .expect("checked: every state can exit");
-    let residual = next(log_r) + next(&ev.log_pb) + log_pf_exit
-        - log_r
-        - &ev.log_pf
-        - next(log_pf_exit);
+    let residual =
+        next(log_r) + next(&ev.log_pb) + log_pf_exit - log_r - &ev.log_pf - next(log_pf_exit);
     let transitions = batch.not_last.sum(Kind::Float).clamp_min(1.0);
     (residual.square() * &batch.not_last).sum(Kind::Float) / transitions
 }

@@ -141,6 +141,9 @@ mod tests {
             [4.5, 2.0, 7.5, 7.5, 3.0, 10.0, 1.0, 4.5, 6.0, 9.0]
         );
         assert!(spearman(&[1.0, f64::NAN], &[1.0, 2.0]).is_nan());
-        assert!(pearson(&[1.0, 1.0], &[1.0, 2.0]).is_nan(), "a constant side");
+        assert!(
+            pearson(&[1.0, 1.0], &[1.0, 2.0]).is_nan(),
+            "a constant side"
+        );
     }
 }

@@ -2,10 +2,10 @@
 //! distribution computed exactly by propagating P_F over the DAG, and the empirical
 //! distribution of freshly sampled states.
 
+use super::{EvalContext, Metric, Values};
 use crate::env::{exit_action, Environment};
 use crate::estimators::Estimators;
 use crate::truth::{all_states, GroundTruth};
-use super::{EvalContext, Metric, Values};
 use crate::Result;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,9 @@ fn softmax_masked(logits: &[f32], mask: &[bool], out: &mut Vec<f64>) {
 /// complete (a row with no allowed action).
 pub fn exact_terminating_distribution(env: &dyn Environment, policy: &[f64]) -> Vec<f64> {
     let (d, n_actions, exit) = (env.state_dim(), env.n_actions(), exit_action(env));
-    let enumeration = env.enumeration().expect("a policy table implies enumeration");
+    let enumeration = env
+        .enumeration()
+        .expect("a policy table implies enumeration");
     let n = policy.len() / n_actions;
     let mut reach = vec![0f64; n];
     let mut terminate = vec![0f64; n];
@@ -111,7 +113,9 @@ pub fn sample_terminal_counts(
     rng: &mut impl Rng,
 ) -> Vec<u64> {
     let (d, n_actions, exit) = (env.state_dim(), env.n_actions(), exit_action(env));
-    let enumeration = env.enumeration().expect("a policy table implies enumeration");
+    let enumeration = env
+        .enumeration()
+        .expect("a policy table implies enumeration");
     let mut counts = vec![0u64; policy.len() / n_actions];
     let mut state = vec![0i64; d];
     for _ in 0..n {

@@ -149,7 +149,10 @@ impl MetricSet {
             metrics.push(Box::new(exact::ExactDistribution::new(exact_samples)));
         }
         if let Some(modes) = env.modes() {
-            metrics.push(Box::new(modes::ModesFound::new(modes.count(), config.modes_of)));
+            metrics.push(Box::new(modes::ModesFound::new(
+                modes.count(),
+                config.modes_of,
+            )));
         }
         metrics.push(Box::new(modes::DistinctTerminals::default()));
         metrics.push(Box::new(samples::OnPolicySamples::new(config)));

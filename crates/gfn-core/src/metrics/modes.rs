@@ -62,7 +62,11 @@ impl Metric for ModesFound {
                 ModesOf::Visited => batch.offsets[b]..last + 1,
             };
             for i in visited {
-                let log_reward = if i == last { batch.log_rewards[b] } else { f32::NAN };
+                let log_reward = if i == last {
+                    batch.log_rewards[b]
+                } else {
+                    f32::NAN
+                };
                 self.observe_state(modes, batch.state(i), log_reward);
             }
         }

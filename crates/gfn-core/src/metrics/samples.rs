@@ -64,14 +64,20 @@ impl Metric for OnPolicySamples {
         rewards.sort_by(f64::total_cmp);
         let mut values = vec![
             ("reward_mean".to_string(), rewards.iter().sum::<f64>() / n),
-            ("log_reward_mean".to_string(), log_rewards.iter().sum::<f64>() / n),
+            (
+                "log_reward_mean".to_string(),
+                log_rewards.iter().sum::<f64>() / n,
+            ),
         ];
         for q in [10, 50, 90] {
             values.push((format!("reward_q{q}"), quantile(&rewards, q as f64 / 100.0)));
         }
         for &k in &self.top_k {
             let top = &rewards[rewards.len() - k..];
-            values.push((format!("top_{k}_reward"), top.iter().sum::<f64>() / k as f64));
+            values.push((
+                format!("top_{k}_reward"),
+                top.iter().sum::<f64>() / k as f64,
+            ));
         }
         values.push(("elbo".to_string(), elbo / n));
         Ok(values)

@@ -1,7 +1,9 @@
 //! Shared helpers of the core integration tests: exact optimal flows computed by enumeration.
 #![allow(dead_code)]
 
-use gfn_core::env::{BitSeqConfig, Environment, HyperGrid, HyperGridConfig, RewardPreset, Termination};
+use gfn_core::env::{
+    BitSeqConfig, Environment, HyperGrid, HyperGridConfig, RewardPreset, Termination,
+};
 use gfn_core::estimators::Estimators;
 use gfn_core::truth::{all_states, can_terminate};
 use tch::Tensor;
