@@ -5,21 +5,34 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-fn torch_lib_dir() -> Option<PathBuf> {
+/// The root of the libtorch that tch builds against: `LIBTORCH`, else the venv's torch package.
+fn torch_root() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("LIBTORCH") {
-        return Some(PathBuf::from(dir).join("lib"));
+        return Some(PathBuf::from(dir));
     }
     let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python".into());
     let out = Command::new(python)
         .args([
             "-c",
-            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+            "import os, torch; print(os.path.dirname(torch.__file__))",
         ])
         .output()
         .ok()?;
     out.status
         .success()
         .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn torch_lib_dir() -> Option<PathBuf> {
+    torch_root().map(|root| root.join("lib"))
+}
+
+/// Header directories for C++ built against libtorch (as torch-sys builds its own), or `None`
+/// where libtorch is not found.
+#[allow(dead_code)] // Only crates with C++ of their own call it.
+pub fn torch_include_dirs() -> Option<Vec<PathBuf>> {
+    let include = torch_root()?.join("include");
+    Some(vec![include.join("torch/csrc/api/include"), include])
 }
 
 pub fn main() {

@@ -1,0 +1,350 @@
+// Multi-head self-attention for short sequences on the CPU, as one autograd function of
+// libtorch: gfn_core's Transformer runs it on every state of a batch (16 tokens, heads of 8
+// values for gfnx's bitseq policy), where libtorch's scaled_dot_product_attention spends most
+// of its time setting up thousands of tiny matrix products. Here each (state, head) is a few
+// hundred multiply-adds in registers. Forward saves the softmax weights; backward is the
+// textbook one:
+//   dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − rowsum(P ∘ dP)),  dQ = c dS K,  dK = c dSᵀ Q
+// with c = 1/sqrt(head width). Input and output keep the Transformer's layouts: qkv is
+// [rows, length, 3 · width] (queries, keys, values side by side, heads consecutive within each),
+// the output [rows, length, width].
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+// Compiled for the machine's vector units where it has AVX2 and FMA, else for any x86-64.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GFN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GFN_CLONES
+#endif
+
+struct Shape {
+  int64_t rows, length, width, heads, head_width;
+};
+
+// exp(x) for x <= 0 (softmax arguments less their maximum), branch-free so that it
+// vectorises: 2^(x log2 e) split into 2^n (exponent bits) and 2^f, f in [-1/2, 1/2], by a
+// degree-6 polynomial (relative error below 2e-7); arguments under -87 give exp(-87).
+inline float exp_nonpositive(float x) {
+  x = std::fmax(x, -87.0f);
+  const float t = x * 1.44269504088896341f;
+  // Adding 1.5 · 2^23 rounds t to an integer in the low mantissa bits.
+  const float shifted = t + 12582912.0f;
+  int32_t n_bits;
+  std::memcpy(&n_bits, &shifted, sizeof n_bits);
+  const float f = t - (shifted - 12582912.0f);
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (n_bits - 0x4B400000 + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Eight floats, as the vector extensions of GCC and Clang write them: one AVX register in the
+// x86-64-v3 clone, two SSE ones otherwise.
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+inline v8 load(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+inline float sum(v8 v) {
+  float total = 0.0f;
+  for (int k = 0; k < 8; ++k) total += v[k];
+  return total;
+}
+
+inline float max(v8 v) {
+  float m = v[0];
+  for (int k = 1; k < 8; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+
+// exp_nonpositive on eight lanes.
+inline v8 exp_nonpositive(v8 x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const v8 t = x * 1.44269504088896341f;
+  const v8 shifted = t + 12582912.0f;
+  const v8 f = t - (shifted - 12582912.0f);
+  v8 p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const v8i bits = ((v8i)shifted - 0x4B400000 + 127) << 23;
+  return p * (v8)bits;
+}
+
+// Sixteen tokens, heads of eight values: per (state, head) the keys and values are transposed
+// into kt, vt[d] = lanes of tokens 0-7 and 8-15, and every loop is a few register operations.
+constexpr int64_t L16 = 16, D8 = 8;
+
+GFN_CLONES void forward_16x8(const float* qkv, float* out, float* probs, const Shape& s,
+                             int64_t begin, int64_t end) {
+  const int64_t W = s.width, stride = 3 * W;
+  const float scale = 1.0f / std::sqrt(8.0f);
+  float kt[D8][L16];
+  for (int64_t r = begin; r < end; ++r) {
+    const float* base = qkv + r * L16 * stride;
+    for (int64_t h = 0; h < s.heads; ++h) {
+      for (int64_t j = 0; j < L16; ++j) {
+        const float* k = base + j * stride + W + h * D8;
+        for (int64_t d = 0; d < D8; ++d) kt[d][j] = k[d] * scale;
+      }
+      v8 values[L16];
+      for (int64_t j = 0; j < L16; ++j) values[j] = load(base + j * stride + 2 * W + h * D8);
+      float* p_rh = probs + ((r * s.heads + h) * L16) * L16;
+      for (int64_t i = 0; i < L16; ++i) {
+        const float* q = base + i * stride + h * D8;
+        v8 low = splat(0.0f), high = splat(0.0f);
+        for (int64_t d = 0; d < D8; ++d) {
+          low += q[d] * load(&kt[d][0]);
+          high += q[d] * load(&kt[d][8]);
+        }
+        const float m = std::fmax(max(low), max(high));
+        low = exp_nonpositive(low - m);
+        high = exp_nonpositive(high - m);
+        const float inverse = 1.0f / (sum(low) + sum(high));
+        low *= inverse;
+        high *= inverse;
+        store(p_rh + i * L16, low);
+        store(p_rh + i * L16 + 8, high);
+        v8 o = splat(0.0f);
+        for (int64_t j = 0; j < 8; ++j) o += low[j] * values[j];
+        for (int64_t j = 0; j < 8; ++j) o += high[j] * values[8 + j];
+        store(out + (r * L16 + i) * W + h * D8, o);
+      }
+    }
+  }
+}
+
+GFN_CLONES void backward_16x8(const float* qkv, const float* probs, const float* grad_out,
+                              float* grad_qkv, const Shape& s, int64_t begin, int64_t end) {
+  const int64_t W = s.width, stride = 3 * W;
+  const float scale = 1.0f / std::sqrt(8.0f);
+  float vt[D8][L16];
+  for (int64_t r = begin; r < end; ++r) {
+    const float* base = qkv + r * L16 * stride;
+    float* grad = grad_qkv + r * L16 * stride;
+    for (int64_t h = 0; h < s.heads; ++h) {
+      const float* p_rh = probs + ((r * s.heads + h) * L16) * L16;
+      v8 queries[L16], keys[L16], dk[L16], dv[L16];
+      for (int64_t j = 0; j < L16; ++j) {
+        const float* row = base + j * stride + h * D8;
+        queries[j] = load(row);
+        keys[j] = load(row + W);
+        const float* v = row + 2 * W;
+        for (int64_t d = 0; d < D8; ++d) vt[d][j] = v[d];
+        dk[j] = dv[j] = splat(0.0f);
+      }
+      for (int64_t i = 0; i < L16; ++i) {
+        const v8 go = load(grad_out + (r * L16 + i) * W + h * D8);
+        const v8 p_low = load(p_rh + i * L16), p_high = load(p_rh + i * L16 + 8);
+        // dP_ij = dO_i · V_j, then dS_ij = c P_ij (dP_ij − Σ_j P_ij dP_ij).
+        v8 low = splat(0.0f), high = splat(0.0f);
+        for (int64_t d = 0; d < D8; ++d) {
+          low += go[d] * load(&vt[d][0]);
+          high += go[d] * load(&vt[d][8]);
+        }
+        const float weighted = sum(p_low * low) + sum(p_high * high);
+        low = p_low * (low - weighted) * scale;
+        high = p_high * (high - weighted) * scale;
+        // dV_j += P_ij dO_i; dQ_i = Σ_j dS_ij K_j; dK_j += dS_ij Q_i.
+        v8 dq = splat(0.0f);
+        for (int64_t j = 0; j < 8; ++j) {
+          dv[j] += p_low[j] * go;
+          dv[8 + j] += p_high[j] * go;
+          dq += low[j] * keys[j] + high[j] * keys[8 + j];
+          dk[j] += low[j] * queries[i];
+          dk[8 + j] += high[j] * queries[i];
+        }
+        store(grad + i * stride + h * D8, dq);
+      }
+      for (int64_t j = 0; j < L16; ++j) {
+        store(grad + j * stride + W + h * D8, dk[j]);
+        store(grad + j * stride + 2 * W + h * D8, dv[j]);
+      }
+    }
+  }
+}
+
+// Any length and head width: the same computation in plain loops.
+void forward_general(const float* qkv, float* out, float* probs, const Shape& s, int64_t begin,
+                     int64_t end) {
+  const int64_t L = s.length, D = s.head_width, W = s.width, stride = 3 * W;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> scores(L);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* base = qkv + r * L * stride;
+    for (int64_t h = 0; h < s.heads; ++h) {
+      float* p_rh = probs + ((r * s.heads + h) * L) * L;
+      for (int64_t i = 0; i < L; ++i) {
+        const float* q = base + i * stride + h * D;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) {
+          const float* k = base + j * stride + W + h * D;
+          float dot = 0.0f;
+          for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+          scores[j] = dot * scale;
+          m = std::fmax(m, scores[j]);
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < L; ++j) {
+          scores[j] = exp_nonpositive(scores[j] - m);
+          total += scores[j];
+        }
+        float* o = out + (r * L + i) * W + h * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+        for (int64_t j = 0; j < L; ++j) {
+          const float p = scores[j] / total;
+          p_rh[i * L + j] = p;
+          const float* v = base + j * stride + 2 * W + h * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
+        }
+      }
+    }
+  }
+}
+
+void backward_general(const float* qkv, const float* probs, const float* grad_out,
+                      float* grad_qkv, const Shape& s, int64_t begin, int64_t end) {
+  const int64_t L = s.length, D = s.head_width, W = s.width, stride = 3 * W;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> ds(L);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* base = qkv + r * L * stride;
+    float* grad = grad_qkv + r * L * stride;
+    for (int64_t h = 0; h < s.heads; ++h) {
+      const float* p_rh = probs + ((r * s.heads + h) * L) * L;
+      for (int64_t i = 0; i < L; ++i) {
+        const float* go = grad_out + (r * L + i) * W + h * D;
+        const float* p_i = p_rh + i * L;
+        float weighted = 0.0f;
+        for (int64_t j = 0; j < L; ++j) {
+          const float* v = base + j * stride + 2 * W + h * D;
+          float dp = 0.0f;
+          for (int64_t d = 0; d < D; ++d) dp += go[d] * v[d];
+          ds[j] = dp;
+          weighted += p_i[j] * dp;
+        }
+        const float* q = base + i * stride + h * D;
+        float* gq = grad + i * stride + h * D;
+        for (int64_t j = 0; j < L; ++j) {
+          const float g = p_i[j] * (ds[j] - weighted) * scale;
+          const float* k = base + j * stride + W + h * D;
+          float* gk = grad + j * stride + W + h * D;
+          float* gv = grad + j * stride + 2 * W + h * D;
+          for (int64_t d = 0; d < D; ++d) {
+            gq[d] += g * k[d];
+            gk[d] += g * q[d];
+            gv[d] += p_i[j] * go[d];
+          }
+        }
+      }
+    }
+  }
+}
+
+// gfnx's bitseq policy (sixteen tokens, heads of eight values) takes the vector kernels.
+bool sixteen_by_eight(const Shape& s) { return s.length == L16 && s.head_width == D8; }
+
+Shape shape_of(const at::Tensor& qkv, int64_t heads) {
+  Shape s;
+  s.rows = qkv.size(0);
+  s.length = qkv.size(1);
+  s.width = qkv.size(2) / 3;
+  s.heads = heads;
+  s.head_width = s.width / heads;
+  return s;
+}
+
+// Rows per parallel task: enough work to pay for a handoff.
+constexpr int64_t GRAIN = 16;
+
+struct SmallAttention : public torch::autograd::Function<SmallAttention> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv_in, int64_t heads) {
+    const at::Tensor qkv = qkv_in.contiguous();
+    const Shape s = shape_of(qkv, heads);
+    at::Tensor out = at::empty({s.rows, s.length, s.width}, qkv.options());
+    at::Tensor probs = at::empty({s.rows, s.heads, s.length, s.length}, qkv.options());
+    const float* q = qkv.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    float* p = probs.data_ptr<float>();
+    at::parallel_for(0, s.rows, GRAIN, [&](int64_t begin, int64_t end) {
+      if (sixteen_by_eight(s)) {
+        forward_16x8(q, o, p, s, begin, end);
+      } else {
+        forward_general(q, o, p, s, begin, end);
+      }
+    });
+    ctx->save_for_backward({qkv, probs});
+    ctx->saved_data["heads"] = heads;
+    return out;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& qkv = saved[0];
+    const at::Tensor& probs = saved[1];
+    const Shape s = shape_of(qkv, ctx->saved_data["heads"].toInt());
+    const at::Tensor grad_out = grads[0].contiguous();
+    at::Tensor grad_qkv = at::zeros_like(qkv);
+    const float* q = qkv.data_ptr<float>();
+    const float* p = probs.data_ptr<float>();
+    const float* go = grad_out.data_ptr<float>();
+    float* g = grad_qkv.data_ptr<float>();
+    at::parallel_for(0, s.rows, GRAIN, [&](int64_t begin, int64_t end) {
+      if (sixteen_by_eight(s)) {
+        backward_16x8(q, p, go, g, s, begin, end);
+      } else {
+        backward_general(q, p, go, g, s, begin, end);
+      }
+    });
+    return {grad_qkv, at::Tensor()};
+  }
+};
+
+thread_local std::string last_error;
+
+}  // namespace
+
+// The attention output for `qkv` (a contiguous or not float CPU tensor [rows, length, 3 · width]
+// whose width divides into `heads`), as a new tensor the caller owns; null on failure, with
+// the reason from gfn_attention_error.
+extern "C" at::Tensor* gfn_small_attention(const at::Tensor* qkv, int64_t heads) {
+  try {
+    return new at::Tensor(SmallAttention::apply(*qkv, heads));
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+}
+
+extern "C" const char* gfn_attention_error() { return last_error.c_str(); }
