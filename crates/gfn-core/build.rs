@@ -22,6 +22,8 @@ fn main() {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .flag_if_supported("-Wno-unused-parameter")
+        // Vector helpers pass 32-byte values between inline functions of this file only.
+        .flag_if_supported("-Wno-psabi")
         // Lets the loops' rounding and square roots vectorise (no errno to set).
         .flag("-fno-math-errno")
         .opt_level(3)

@@ -63,8 +63,6 @@ impl TransformerConfig {
 }
 
 const LAYER_NORM_EPS: f64 = 1e-5;
-/// Widest head the CPU attention (`attention.cpp`) handles.
-const MAX_HEAD_WIDTH: usize = 1024;
 
 struct LayerNorm {
     weight: ParamId,
