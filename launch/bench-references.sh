@@ -9,12 +9,20 @@
 # both evaluating every 500 steps; steps/s = (2000 - 500) / (wall time of a 2000-step run minus
 # that of a 500-step run), which cancels start-up and JAX's compilation. torchgfn's example
 # scripts are not on PyPI, so it has only the step loop.
-# Usage: launch/bench-references.sh [SECONDS_PER_SETTING]   (default 5)
+# Last, bitseq (n = 120, k = 8, 60 modes, beta = 3, batch 16, epsilon = 1e-3, Transformer of 3
+# layers, 8 heads, width 64): gfnx's `baselines/tb_bitseq.py`, unchanged (Hydra overrides
+# only), against `gfn train --config configs/gfnx/bitseq-120x8-tb.toml`, 2000 steps each with
+# evaluations at 1000 and 2000 (gfnx also at 0): steps/s past compilation, modes found and
+# test-set Spearman at the last step (launch/references/bitseq_compare.py). `--bitseq-only`
+# runs this part alone.
+# Usage: launch/bench-references.sh [SECONDS_PER_SETTING] [--bitseq-only]   (default 5)
 # The reference venvs live in .venv-ref/ (created on first use; torchgfn reuses the project's torch).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 seconds="${1:-5}"
+bitseq_only=false
+[ "${2:-}" = "--bitseq-only" ] && bitseq_only=true
 source launch/setup.sh
 cargo build --release --locked --quiet --bin gfn
 
@@ -45,13 +53,31 @@ fi
 results="$(mktemp)"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$results" "$results".json "$scratch"' EXIT
+
+bitseq() {
+  local steps=2000
+  echo "[bench] bitseq: gfnx tb_bitseq.py, $steps steps (about half an hour)" >&2
+  (cd "$scratch" && "$ref/gfnx/bin/python" "$root/launch/references/gfnx_baseline.py" "$baselines" tb_bitseq.py \
+    num_train_steps="$steps" logging.use_writer=false logging.eval_each=1000 logging.tqdm_print_rate=20 \
+    hydra.run.dir="$scratch/gfnx-bitseq") >"$scratch/gfnx-bitseq.log" 2>&1
+  echo "[bench] bitseq: gfn train, $steps steps" >&2
+  target/release/gfn train --config configs/gfnx/bitseq-120x8-tb.toml --out "$scratch/gfn-bitseq" \
+    --set train.steps="$steps" --set train.validate_every=1000 >/dev/null 2>&1
+  echo
+  python3 launch/references/bitseq_compare.py "$scratch/gfnx-bitseq.log" "$scratch/gfn-bitseq" "$steps"
+}
+if $bitseq_only; then
+  bitseq
+  exit 0
+fi
+
 for setting in "4 8 16" "4 8 128" "2 64 16" "2 64 128"; do
   read -r dim height batch <<<"$setting"
   echo "[bench] ${dim}x${height} batch ${batch}" >&2
   for backward in learned tied; do
-    target/release/gfn bench --grids "${dim}x${height}" --batches "$batch" --losses tb --seconds "$seconds" \
+    target/release/gfn bench --env "hypergrid:dim=${dim},height=${height}" --batches "$batch" --losses tb --seconds "$seconds" \
       --set "model.backward=$backward" --json "$results.json" >/dev/null 2>&1
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))[0]; r["impl"]="gfn-rs/"+sys.argv[2]; print(json.dumps(r))' "$results.json" "$backward" >>"$results"
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))[0]; r["impl"]="gfn-rs/"+sys.argv[2]; r["grid"]=sys.argv[3]; print(json.dumps(r))' "$results.json" "$backward" "${dim}x${height}" >>"$results"
   done
   "$ref/torchgfn/bin/python" launch/references/torchgfn_hypergrid.py --dim "$dim" --height "$height" --batch "$batch" --seconds "$seconds" 2>/dev/null | tail -n1 >>"$results"
   "$ref/gfnx/bin/python" launch/references/gfnx_tb_hypergrid.py --dim "$dim" --height "$height" --batch "$batch" --seconds "$seconds" 2>/dev/null | tail -n1 >>"$results"
@@ -80,7 +106,7 @@ wall() {  # wall IMPL BATCH STEPS -> seconds
   rm -rf "$scratch/run"
   start="$(date +%s.%N)"
   if [ "$impl" = gfnx ]; then
-    (cd "$scratch" && "$ref/gfnx/bin/python" "$root/launch/references/gfnx_baseline.py" "$baselines" \
+    (cd "$scratch" && "$ref/gfnx/bin/python" "$root/launch/references/gfnx_baseline.py" "$baselines" tb_hypergrid.py \
       environment.dim=4 environment.side=8 num_envs="$batch" num_train_steps="$steps" \
       logging.use_writer=false hydra.run.dir="$scratch/run" >/dev/null 2>&1)
   else
@@ -106,3 +132,5 @@ ours, theirs, b = ${rate[gfn]}, ${rate[gfnx]}, $batch
 cell = lambda r: f'{r:.1f} steps/s ({r * b:.0f} traj/s)'
 print(f'| {b} | {cell(ours)} | {cell(theirs)} | {ours / theirs:.1f}x |')"
 done
+
+bitseq

@@ -9,7 +9,8 @@ set -euo pipefail
 GFN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCH_VERSION="2.11.0"
 VENV="${GFN_VENV:-$GFN_ROOT/.venv}"
-APT_PACKAGES=(libclang-dev libopenmpi-dev openmpi-bin pkg-config)
+# g++: gfn-core compiles its CPU attention against libtorch.
+APT_PACKAGES=(g++ libclang-dev libopenmpi-dev openmpi-bin pkg-config)
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import ensurepip' 2>/dev/null || APT_PACKAGES+=(python3-venv)
 

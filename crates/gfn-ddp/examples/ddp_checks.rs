@@ -16,7 +16,7 @@ use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
 use gfn_core::train::GradientReducer;
 use gfn_core::train::{NoReduction, ReplayConfig, TrainConfig, TrainState};
-use gfn_ddp::comm::{share_of, Communicator, ReduceOp};
+use gfn_ddp::comm::{all_gather_bytes, share_of, Communicator, ReduceOp};
 use gfn_ddp::reducer::AllReduceGradients;
 use gfn_ddp::world::{Backend, JoinOptions, World};
 use rand::{Rng, SeedableRng};
@@ -41,6 +41,31 @@ impl GradientReducer for WholeUpdate<'_> {
 }
 
 /// The collectives themselves, in place over gradient-sized buffers.
+/// Every rank's bytes on every rank, whatever their lengths: rank r sends r · 37 + 3 bytes
+/// (odd and even lengths, one over 2^16 bytes so both halves of a length travel), rank 1 none.
+fn check_all_gather_bytes(world: &mut World) {
+    let size = world.world_size();
+    let bytes_of = |r: usize| -> Vec<u8> {
+        let len = if r == 1 {
+            0
+        } else {
+            r * 37 + 3 + (r == 2) as usize * 70_000
+        };
+        (0..len).map(|i| (i * 31 + r * 7) as u8).collect()
+    };
+    let mine = bytes_of(world.rank());
+    let all = all_gather_bytes(world.comm.as_mut(), &mine, Device::Cpu).unwrap();
+    assert_eq!(all.len(), size);
+    for (r, got) in all.iter().enumerate() {
+        assert_eq!(
+            got,
+            &bytes_of(r),
+            "rank {r}'s bytes as rank {} received them",
+            world.rank()
+        );
+    }
+}
+
 fn check_all_reduce(world: &mut World, shared_memory: bool) {
     let (rank, size) = (world.rank(), world.world_size());
     // Rank r holds (i mod 7)(r + 1): small integers, so the sum (i mod 7) n(n + 1)/2 is exact
@@ -184,6 +209,7 @@ fn main() {
     let (rank, size) = (world.rank(), world.world_size());
     assert!(size >= 2, "run under mpirun -np N with N >= 2");
     check_all_reduce(&mut world, shared_memory);
+    check_all_gather_bytes(&mut world);
     // TB and SubTB (geometric_within) average over trajectories, so the mean of two ranks' losses
     // is the loss on the union. DB averages over transitions, whose count differs per rank: there
     // the union step is not the averaged step, by design (as in torchgfn's DDP).
