@@ -146,18 +146,31 @@ fn a_run_writes_metrics_checkpoint_and_summary() {
     let _ = std::fs::remove_dir_all(out);
 }
 
-#[test]
-fn a_resumed_run_matches_an_uninterrupted_one_bitwise() {
-    let whole = scratch("whole");
-    let split = scratch("split");
-    assert!(train(&whole, 40, &[]).status.success());
-    assert!(train(&split, 20, &[]).status.success());
+/// Trains one run for `long` steps and another for `short`, then resumes it to `long`; checks
+/// that both end with bitwise the same parameters and returns their summaries.
+fn whole_and_resumed(
+    name: &str,
+    train: impl Fn(&Path, u64) -> Output,
+    short: u64,
+    long: u64,
+) -> (serde_json::Value, serde_json::Value) {
+    let whole = scratch(&format!("{name}-whole"));
+    let split = scratch(&format!("{name}-split"));
+    for (dir, steps) in [(&whole, long), (&split, short)] {
+        let result = train(dir, steps);
+        assert!(
+            result.status.success(),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    let steps = format!("train.steps={long}");
     let resumed = gfn(&[
         "train",
         "--resume",
         split.to_str().unwrap(),
         "--set",
-        "train.steps=40",
+        &steps,
     ]);
     assert!(
         resumed.status.success(),
@@ -167,50 +180,28 @@ fn a_resumed_run_matches_an_uninterrupted_one_bitwise() {
     assert_eq!(
         params(&whole),
         params(&split),
-        "parameters after 40 steps differ"
+        "{name}: parameters after {long} steps differ"
     );
     let summary = |d: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap()
     };
-    for key in ["loss", "exact_tv", "modes_found", "trajectories", "log_z"] {
-        assert_eq!(summary(&whole)[key], summary(&split)[key], "{key}");
-    }
+    let summaries = (summary(&whole), summary(&split));
     let _ = std::fs::remove_dir_all(whole);
     let _ = std::fs::remove_dir_all(split);
+    summaries
+}
+
+#[test]
+fn a_resumed_run_matches_an_uninterrupted_one_bitwise() {
+    let (a, b) = whole_and_resumed("grid", |dir, steps| train(dir, steps, &[]), 20, 40);
+    for key in ["loss", "exact_tv", "modes_found", "trajectories", "log_z"] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
 }
 
 #[test]
 fn a_resumed_bitseq_run_matches_an_uninterrupted_one_bitwise() {
-    let whole = scratch("bitseq-whole");
-    let split = scratch("bitseq-split");
-    assert!(train_bitseq(&whole, 30).status.success());
-    let first = train_bitseq(&split, 20);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    let resumed = gfn(&[
-        "train",
-        "--resume",
-        split.to_str().unwrap(),
-        "--set",
-        "train.steps=30",
-    ]);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
-    assert_eq!(
-        params(&whole),
-        params(&split),
-        "parameters after 30 steps differ"
-    );
-    let summary = |d: &Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap()).unwrap()
-    };
-    let (a, b) = (summary(&whole), summary(&split));
+    let (a, b) = whole_and_resumed("bitseq", train_bitseq, 20, 30);
     assert!(
         a.get("exact_tv").is_none(),
         "257^3 states are not enumerated: {a}"
@@ -228,8 +219,6 @@ fn a_resumed_bitseq_run_matches_an_uninterrupted_one_bitwise() {
         assert!(a.get(key).is_some(), "summary lacks {key}: {a}");
         assert_eq!(a[key], b[key], "{key}");
     }
-    let _ = std::fs::remove_dir_all(whole);
-    let _ = std::fs::remove_dir_all(split);
 }
 
 #[test]

@@ -3,8 +3,10 @@
 //! backward action empties one written position; the trajectory ends, with no exit action,
 //! when every position is written. The reward is the motif one of [`super::motifs`].
 
-use super::motifs::{BitReward, BitSeqConfig, EMPTY};
-use super::{Enumerable, Environment, Modes, Termination, TokenLayout, Tokenized};
+use super::motifs::{
+    bit_sequence_methods, bit_sequence_modes, bit_sequence_tokens, BitReward, BitSeqConfig, EMPTY,
+};
+use super::{Enumerable, Environment, Termination, TokenLayout, Tokenized};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -94,30 +96,7 @@ impl Environment for BitSeq {
         }
     }
 
-    fn log_reward(&self, states: &[i64], out: &mut [f32]) {
-        self.reward.log_rewards(states, out);
-    }
-
-    fn encoding_dim(&self) -> usize {
-        self.reward.length * (self.reward.choices + 1)
-    }
-
-    fn encode(&self, states: &[i64], out: &mut [f32]) {
-        self.reward.encode(states, out);
-    }
-
-    fn enumeration(&self) -> Option<&dyn Enumerable> {
-        Some(self)
-    }
-    fn tokens(&self) -> Option<&dyn Tokenized> {
-        Some(self)
-    }
-    fn modes(&self) -> Option<&dyn Modes> {
-        Some(self)
-    }
-    fn test_set(&self) -> Option<Vec<i64>> {
-        Some(self.reward.test_states())
-    }
+    bit_sequence_methods!();
 }
 
 impl Enumerable for BitSeq {
@@ -135,15 +114,7 @@ impl Enumerable for BitSeq {
 /// gfnx's layout: BOS, then one token per position; position p's output gives the logits of
 /// writing each word there, and the logit of emptying it.
 impl Tokenized for BitSeq {
-    fn length(&self) -> usize {
-        self.reward.length + 1
-    }
-    fn vocab(&self) -> usize {
-        self.reward.choices + 2
-    }
-    fn tokenize(&self, states: &[i64], out: &mut [i64]) {
-        self.reward.tokenize(states, out);
-    }
+    bit_sequence_tokens!();
     fn forward_layout(&self) -> Option<TokenLayout> {
         Some(TokenLayout {
             first: 1,
@@ -160,14 +131,4 @@ impl Tokenized for BitSeq {
     }
 }
 
-impl Modes for BitSeq {
-    fn count(&self) -> u64 {
-        self.reward.modes.len() as u64
-    }
-    fn found_by(&self, x: &[i64], _log_reward: f32, found: &mut Vec<u64>) {
-        self.reward.found_by(x, found);
-    }
-    fn criterion(&self) -> String {
-        self.reward.describe_modes()
-    }
-}
+bit_sequence_modes!(BitSeq);

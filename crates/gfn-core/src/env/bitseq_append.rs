@@ -4,8 +4,10 @@
 //! action removes the last word: every state has one parent, the DAG is a tree and P_B = 1.
 //! The reward is the motif one of [`super::motifs`].
 
-use super::motifs::{BitReward, BitSeqConfig, EMPTY};
-use super::{Enumerable, Environment, Modes, Termination, Tokenized};
+use super::motifs::{
+    bit_sequence_methods, bit_sequence_modes, bit_sequence_tokens, BitReward, BitSeqConfig, EMPTY,
+};
+use super::{Enumerable, Environment, Termination, Tokenized};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -102,30 +104,7 @@ impl Environment for BitSeqAppend {
         }
     }
 
-    fn log_reward(&self, states: &[i64], out: &mut [f32]) {
-        self.reward.log_rewards(states, out);
-    }
-
-    fn encoding_dim(&self) -> usize {
-        self.reward.length * (self.reward.choices + 1)
-    }
-
-    fn encode(&self, states: &[i64], out: &mut [f32]) {
-        self.reward.encode(states, out);
-    }
-
-    fn enumeration(&self) -> Option<&dyn Enumerable> {
-        Some(self)
-    }
-    fn tokens(&self) -> Option<&dyn Tokenized> {
-        Some(self)
-    }
-    fn modes(&self) -> Option<&dyn Modes> {
-        Some(self)
-    }
-    fn test_set(&self) -> Option<Vec<i64>> {
-        Some(self.reward.test_states())
-    }
+    bit_sequence_methods!();
 }
 
 /// States ordered by the number of words written, then by the words as a base-2^k number:
@@ -165,25 +144,7 @@ impl Enumerable for BitSeqAppend {
 
 /// BOS, then the words (2^k for one not yet written); every action is read from the BOS output.
 impl Tokenized for BitSeqAppend {
-    fn length(&self) -> usize {
-        self.reward.length + 1
-    }
-    fn vocab(&self) -> usize {
-        self.reward.choices + 2
-    }
-    fn tokenize(&self, states: &[i64], out: &mut [i64]) {
-        self.reward.tokenize(states, out);
-    }
+    bit_sequence_tokens!();
 }
 
-impl Modes for BitSeqAppend {
-    fn count(&self) -> u64 {
-        self.reward.modes.len() as u64
-    }
-    fn found_by(&self, x: &[i64], _log_reward: f32, found: &mut Vec<u64>) {
-        self.reward.found_by(x, found);
-    }
-    fn criterion(&self) -> String {
-        self.reward.describe_modes()
-    }
-}
+bit_sequence_modes!(BitSeqAppend);

@@ -336,6 +336,70 @@ impl BitReward {
     }
 }
 
+/// The `Environment` methods both bit-sequence environments answer from their `reward`
+/// field alone (inside their `impl Environment`).
+macro_rules! bit_sequence_methods {
+    () => {
+        fn log_reward(&self, states: &[i64], out: &mut [f32]) {
+            self.reward.log_rewards(states, out);
+        }
+        fn encoding_dim(&self) -> usize {
+            self.reward.length * (self.reward.choices + 1)
+        }
+        fn encode(&self, states: &[i64], out: &mut [f32]) {
+            self.reward.encode(states, out);
+        }
+        fn enumeration(&self) -> Option<&dyn $crate::env::Enumerable> {
+            Some(self)
+        }
+        fn tokens(&self) -> Option<&dyn $crate::env::Tokenized> {
+            Some(self)
+        }
+        fn modes(&self) -> Option<&dyn $crate::env::Modes> {
+            Some(self)
+        }
+        fn test_set(&self) -> Option<Vec<i64>> {
+            Some(self.reward.test_states())
+        }
+    };
+}
+
+/// The mode criterion both bit-sequence environments share.
+macro_rules! bit_sequence_modes {
+    ($env:ty) => {
+        impl $crate::env::Modes for $env {
+            fn count(&self) -> u64 {
+                self.reward.modes.len() as u64
+            }
+            fn found_by(&self, x: &[i64], _log_reward: f32, found: &mut Vec<u64>) {
+                self.reward.found_by(x, found);
+            }
+            fn criterion(&self) -> String {
+                self.reward.describe_modes()
+            }
+        }
+    };
+}
+
+/// The `Tokenized` methods both bit-sequence environments share (inside their impls).
+macro_rules! bit_sequence_tokens {
+    () => {
+        fn length(&self) -> usize {
+            self.reward.length + 1
+        }
+        fn vocab(&self) -> usize {
+            self.reward.choices + 2
+        }
+        fn tokenize(&self, states: &[i64], out: &mut [i64]) {
+            self.reward.tokenize(states, out);
+        }
+    };
+}
+
+pub(crate) use bit_sequence_methods;
+pub(crate) use bit_sequence_modes;
+pub(crate) use bit_sequence_tokens;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,30 +34,6 @@ struct Shape {
   int64_t rows, length, width, heads, head_width;
 };
 
-// exp(x) for x <= 0 (softmax arguments less their maximum), branch-free so that it
-// vectorises: 2^(x log2 e) split into 2^n (exponent bits) and 2^f, f in [-1/2, 1/2], by a
-// degree-6 polynomial (relative error below 2e-7); arguments under -87 give exp(-87).
-inline float exp_nonpositive(float x) {
-  x = std::fmax(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  // Adding 1.5 · 2^23 rounds t to an integer in the low mantissa bits.
-  const float shifted = t + 12582912.0f;
-  int32_t n_bits;
-  std::memcpy(&n_bits, &shifted, sizeof n_bits);
-  const float f = t - (shifted - 12582912.0f);
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (n_bits - 0x4B400000 + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // Eight floats, as the vector extensions of GCC and Clang write them: one AVX register in the
 // x86-64-v3 clone, two SSE ones otherwise.
 typedef float v8 __attribute__((vector_size(32)));
@@ -85,10 +61,13 @@ inline float max(v8 v) {
   return m;
 }
 
-// exp_nonpositive on eight lanes.
+// exp(x) for x <= 0 (softmax arguments less their maximum) on eight lanes, branch-free:
+// 2^(x log2 e) split into 2^n (exponent bits) and 2^f, f in [-1/2, 1/2], by a degree-6
+// polynomial (relative error below 2e-7); arguments under -87 give exp(-87).
 inline v8 exp_nonpositive(v8 x) {
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
   const v8 t = x * 1.44269504088896341f;
+  // Adding 1.5 · 2^23 rounds t to an integer in the low mantissa bits.
   const v8 shifted = t + 12582912.0f;
   const v8 f = t - (shifted - 12582912.0f);
   v8 p = splat(1.535336188319500e-4f);
@@ -101,6 +80,9 @@ inline v8 exp_nonpositive(v8 x) {
   const v8i bits = ((v8i)shifted - 0x4B400000 + 127) << 23;
   return p * (v8)bits;
 }
+
+// The same for one value (the general loops).
+inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
 
 // Sixteen tokens, heads of eight values: per (state, head) the keys and values are transposed
 // into kt, vt[d] = lanes of tokens 0-7 and 8-15, and every loop is a few register operations.

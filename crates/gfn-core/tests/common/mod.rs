@@ -5,6 +5,7 @@ use gfn_core::env::{
     BitSeqConfig, Environment, HyperGrid, HyperGridConfig, RewardPreset, Termination,
 };
 use gfn_core::estimators::Estimators;
+use gfn_core::params::ParamSpec;
 use gfn_core::truth::{all_states, can_terminate};
 use tch::Tensor;
 
@@ -119,13 +120,7 @@ pub fn optimal_flows(
 /// they are masked anyway).
 pub fn set_param(estimators: &mut Estimators, name: &str, values: &[f64]) {
     let mut flat = estimators.params.to_vec();
-    let spec = estimators
-        .params
-        .specs()
-        .iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no parameter {name}"))
-        .clone();
+    let spec = spec(estimators, name);
     assert_eq!(spec.numel(), values.len(), "{name}");
     for (dst, &v) in flat[spec.offset..spec.offset + spec.numel()]
         .iter_mut()
@@ -140,15 +135,19 @@ pub fn has_param(estimators: &Estimators, name: &str) -> bool {
     estimators.params.specs().iter().any(|s| s.name == name)
 }
 
-/// The values of the named parameter.
-pub fn param(estimators: &Estimators, name: &str) -> Vec<f64> {
-    let spec = estimators
+fn spec(estimators: &Estimators, name: &str) -> ParamSpec {
+    estimators
         .params
         .specs()
         .iter()
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no parameter {name}"))
-        .clone();
+        .clone()
+}
+
+/// The values of the named parameter.
+pub fn param(estimators: &Estimators, name: &str) -> Vec<f64> {
+    let spec = spec(estimators, name);
     estimators.params.to_vec()[spec.offset..spec.offset + spec.numel()]
         .iter()
         .map(|&v| v as f64)
