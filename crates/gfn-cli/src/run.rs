@@ -113,42 +113,16 @@ fn gather_for_evaluation(state: &mut TrainState, world: &mut World, loss: f64) -
         return Ok(loss);
     }
     let device = state.estimators.device();
-    let shares = state.metrics.share();
-    let mut packed = Vec::new();
-    for share in &shares {
-        packed.extend_from_slice(&(share.len() as u64).to_le_bytes());
-        packed.extend_from_slice(share);
-    }
-    let everyone = all_gather_bytes(world.comm.as_mut(), &packed, device)?;
-    for (rank, bytes) in everyone.iter().enumerate() {
+    let everyone = all_gather_bytes(world.comm.as_mut(), &state.metrics.share(), device)?;
+    for (rank, shared) in everyone.iter().enumerate() {
         if rank != world.rank() {
-            state.metrics.absorb(&unpack_shares(bytes, shares.len())?)?;
+            state.metrics.absorb(shared)?;
         }
     }
     let mut buffer = Tensor::from_slice(&[loss as f32]).to_device(device);
     world.comm.all_reduce(&mut buffer, ReduceOp::Sum)?;
     let summed = Vec::<f32>::try_from(buffer.to_device(Device::Cpu))?;
     Ok(summed[0] as f64 / world.world_size() as f64)
-}
-
-/// The inverse of the packing in [`gather_for_evaluation`]: `count` length-prefixed shares.
-fn unpack_shares(mut bytes: &[u8], count: usize) -> Result<Vec<Vec<u8>>> {
-    let mut shares = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (length, rest) = bytes
-            .split_first_chunk::<8>()
-            .context("a rank's metric shares end early")?;
-        let length = u64::from_le_bytes(*length) as usize;
-        if length > rest.len() {
-            bail!(
-                "a rank's metric share claims {length} bytes, {} are left",
-                rest.len()
-            );
-        }
-        shares.push(rest[..length].to_vec());
-        bytes = &rest[length..];
-    }
-    Ok(shares)
 }
 
 /// Trains on this rank. Rank 0 evaluates, logs, checkpoints and returns the summary; the other

@@ -22,6 +22,9 @@ pub enum Error {
     /// An environment broke its contract (see [`crate::env::Environment`]).
     #[error("environment {env}: {reason}")]
     Environment { env: String, reason: String },
+    /// A metric's state (from a checkpoint) or share (from another rank) that does not decode.
+    #[error("metric {metric}: {reason}")]
+    MetricData { metric: String, reason: String },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
     /// A collective of the gradient hook failed (data-parallel training).

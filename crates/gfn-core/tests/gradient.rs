@@ -1,9 +1,14 @@
-//! Autograd gradients of the losses agree with central finite differences on a tiny MLP.
+//! Autograd gradients of the losses agree with central finite differences: on a tiny MLP over
+//! HyperGrid, and on a tiny Transformer (with the CPU attention's own backward) over a bit
+//! sequence without an exit action.
 
 mod common;
 
-use common::grid;
-use gfn_core::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
+use common::{grid, small_bitseq};
+use gfn_core::env::{BitSeq, Environment};
+use gfn_core::estimators::{
+    Architecture, BackwardPolicy, EstimatorConfig, Estimators, TransformerConfig,
+};
 use gfn_core::losses::{compute_loss, LossConfig, LossKind};
 use gfn_core::sampler::{sample_trajectories, Exploration};
 use rand::SeedableRng;
@@ -12,13 +17,44 @@ use tch::{Device, Tensor};
 
 #[test]
 fn loss_gradients_match_finite_differences() {
-    let env = grid(2, 3, 0.1);
-    for kind in LossKind::ALL {
+    let mlp = Architecture::Mlp {
+        hidden: 6,
+        layers: 1,
+    };
+    check_gradients(&grid(2, 3, 0.1), mlp, &LossKind::ALL, 1e-2);
+}
+
+#[test]
+fn transformer_gradients_match_finite_differences_for_every_loss() {
+    let transformer = Architecture::Transformer(TransformerConfig {
+        layers: 1,
+        heads: 2,
+        width: 4,
+        ff: 4,
+    });
+    // Every loss a bit sequence can train (modified DB needs every state to terminate).
+    let kinds = [
+        LossKind::Tb,
+        LossKind::Db,
+        LossKind::Subtb,
+        LossKind::Fm,
+        LossKind::Zvar,
+    ];
+    // A smaller step than the MLP's: f32 rounding bounds h from below, and the feed-forward
+    // ReLUs' kinks within h of a pre-activation (more of them here) bound it from above.
+    check_gradients(
+        &BitSeq::new(small_bitseq(2)).unwrap(),
+        transformer,
+        &kinds,
+        1e-3,
+    );
+}
+
+/// Central differences with step `h` on every parameter against autograd, per loss.
+fn check_gradients(env: &dyn Environment, architecture: Architecture, kinds: &[LossKind], h: f32) {
+    for &kind in kinds {
         let config = EstimatorConfig {
-            architecture: Architecture::Mlp {
-                hidden: 6,
-                layers: 1,
-            },
+            architecture,
             backward: if kind.uses_backward_policy() {
                 BackwardPolicy::Learned
             } else {
@@ -28,9 +64,9 @@ fn loss_gradients_match_finite_differences() {
             log_z: kind.needs_log_z(),
         };
         let mut est =
-            Estimators::new(&env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(4)).unwrap();
+            Estimators::new(env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(4)).unwrap();
         let batch = sample_trajectories(
-            &env,
+            env,
             &est,
             8,
             Exploration {
@@ -43,16 +79,15 @@ fn loss_gradients_match_finite_differences() {
         let loss_config = LossConfig::new(kind);
         let loss_at = |est: &Estimators| {
             tch::no_grad(|| {
-                compute_loss(&loss_config, &env, est, &est.params.views(), &batch).double_value(&[])
+                compute_loss(&loss_config, env, est, &est.params.views(), &batch).double_value(&[])
             })
         };
 
         est.params.zero_grad();
-        compute_loss(&loss_config, &env, &est, &est.params.views(), &batch).backward();
+        compute_loss(&loss_config, env, &est, &est.params.views(), &batch).backward();
         let analytic = Vec::<f32>::try_from(est.params.grad()).unwrap();
 
         let base = est.params.to_vec();
-        let h = 1e-2f32;
         let mut numeric = vec![0f64; base.len()];
         for i in 0..base.len() {
             let mut shifted = base.clone();
@@ -72,10 +107,11 @@ fn loss_gradients_match_finite_differences() {
             .sum::<f64>()
             .sqrt();
         let norm: f64 = numeric.iter().map(|n| n * n).sum::<f64>().sqrt();
-        assert!(norm > 1e-3, "{kind:?}: gradient too small to test ({norm})");
+        let case = format!("{} {architecture:?} {kind:?}", env.describe());
+        assert!(norm > 1e-3, "{case}: gradient too small to test ({norm})");
         assert!(
             diff / norm < 1e-2,
-            "{kind:?}: relative error {} (|g| = {norm})",
+            "{case}: relative error {} (|g| = {norm})",
             diff / norm
         );
     }

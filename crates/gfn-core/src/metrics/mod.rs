@@ -183,15 +183,31 @@ impl MetricSet {
         Ok(values)
     }
 
-    /// Every metric's [`Metric::share`], in order.
-    pub fn share(&mut self) -> Vec<Vec<u8>> {
-        self.metrics.iter_mut().map(|m| m.share()).collect()
+    /// Every metric's [`Metric::share`], in order, each behind its length (8 bytes, little
+    /// endian): what this rank sends the others at an evaluation.
+    pub fn share(&mut self) -> Vec<u8> {
+        let mut packed = Vec::new();
+        for metric in &mut self.metrics {
+            let share = metric.share();
+            packed.extend_from_slice(&(share.len() as u64).to_le_bytes());
+            packed.extend_from_slice(&share);
+        }
+        packed
     }
 
     /// Merges another rank's [`MetricSet::share`].
-    pub fn absorb(&mut self, shared: &[Vec<u8>]) -> Result<()> {
-        for (metric, bytes) in self.metrics.iter_mut().zip(shared) {
-            metric.absorb(bytes)?;
+    pub fn absorb(&mut self, mut packed: &[u8]) -> Result<()> {
+        for metric in &mut self.metrics {
+            let (length, rest) = packed
+                .split_first_chunk::<8>()
+                .ok_or_else(|| corrupt(metric.name(), "another rank's share ends early"))?;
+            let length = u64::from_le_bytes(*length);
+            if length > rest.len() as u64 {
+                return Err(corrupt(metric.name(), "another rank's share is cut short"));
+            }
+            let (share, rest) = rest.split_at(length as usize);
+            metric.absorb(share)?;
+            packed = rest;
         }
         Ok(())
     }
@@ -213,8 +229,8 @@ impl MetricSet {
 
 /// A malformed metric state (checkpoint) or share (another rank).
 pub(crate) fn corrupt(metric: &str, what: &str) -> Error {
-    Error::Checkpoint {
-        path: format!("metric {metric}"),
+    Error::MetricData {
+        metric: metric.to_string(),
         reason: what.to_string(),
     }
 }
