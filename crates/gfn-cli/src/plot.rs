@@ -193,6 +193,8 @@ where
         .configure_mesh()
         .x_desc(x_label)
         .label_style((FAMILY, 13))
+        .x_labels(6)
+        .x_label_formatter(&|v| tick(*v))
         .y_label_formatter(&|v| tick(*v))
         .draw()
         .map_err(draw_error)?;

@@ -28,16 +28,7 @@ impl BitSeq {
 
 impl Environment for BitSeq {
     fn describe(&self) -> String {
-        let c = &self.reward.config;
-        format!(
-            "bitseq n={} k={} modes={}",
-            c.n,
-            c.k,
-            self.reward.modes.len()
-        )
-    }
-    fn state_dim(&self) -> usize {
-        self.reward.length
+        self.reward.describe("bitseq")
     }
     fn n_actions(&self) -> usize {
         self.reward.length * self.reward.choices

@@ -37,16 +37,7 @@ impl BitSeqAppend {
 
 impl Environment for BitSeqAppend {
     fn describe(&self) -> String {
-        let c = &self.reward.config;
-        format!(
-            "bitseq_append n={} k={} modes={}",
-            c.n,
-            c.k,
-            self.reward.modes.len()
-        )
-    }
-    fn state_dim(&self) -> usize {
-        self.reward.length
+        self.reward.describe("bitseq_append")
     }
     fn n_actions(&self) -> usize {
         self.reward.choices + 1

@@ -271,6 +271,12 @@ impl BitReward {
         hamming_to_modes(&self.modes, &bits, self.config.mode_threshold, found);
     }
 
+    /// `name n=.. k=.. modes=..`, the environment's one-line description.
+    pub fn describe(&self, name: &str) -> String {
+        let c = &self.config;
+        format!("{name} n={} k={} modes={}", c.n, c.k, self.modes.len())
+    }
+
     pub fn describe_modes(&self) -> String {
         format!(
             "Hamming distance < {} to one of {} modes",
@@ -340,6 +346,9 @@ impl BitReward {
 /// field alone (inside their `impl Environment`).
 macro_rules! bit_sequence_methods {
     () => {
+        fn state_dim(&self) -> usize {
+            self.reward.length
+        }
         fn log_reward(&self, states: &[i64], out: &mut [f32]) {
             self.reward.log_rewards(states, out);
         }
