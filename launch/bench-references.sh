@@ -22,6 +22,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 seconds="${1:-5}"
 part="${2:-all}"
+case "$part" in
+  all | --bitseq-only | --hypergrid-only) ;;
+  *) echo "bench-references.sh: unknown part '$part' (expected --bitseq-only or --hypergrid-only)" >&2; exit 2 ;;
+esac
 source launch/setup.sh
 cargo build --release --locked --quiet --bin gfn
 

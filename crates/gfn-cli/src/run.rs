@@ -116,7 +116,10 @@ fn gather_for_evaluation(state: &mut TrainState, world: &mut World, loss: f64) -
     let everyone = all_gather_bytes(world.comm.as_mut(), &state.metrics.share(), device)?;
     for (rank, shared) in everyone.iter().enumerate() {
         if rank != world.rank() {
-            state.metrics.absorb(shared)?;
+            state
+                .metrics
+                .absorb(shared)
+                .with_context(|| format!("the metric shares of rank {rank}"))?;
         }
     }
     let mut buffer = Tensor::from_slice(&[loss as f32]).to_device(device);
