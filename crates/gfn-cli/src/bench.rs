@@ -7,7 +7,6 @@ use crate::run::build_state;
 use anyhow::Result;
 use gfn_core::train::NoReduction;
 use serde::Serialize;
-use std::path::Path;
 use std::time::Instant;
 
 #[derive(Debug, Serialize)]
@@ -42,7 +41,7 @@ pub fn run(plan: &BenchPlan) -> Result<Vec<BenchRow>> {
                 overrides.push(format!("loss.name={loss}"));
                 overrides.extend(plan.overrides.iter().cloned());
                 let config = Config::default().with_overrides(&overrides)?;
-                let mut state = build_state(&config, Path::new("."), false, config.device()?, 0)?;
+                let mut state = build_state(&config, config.device()?, 0)?;
                 let mut reducer = NoReduction;
                 for _ in 0..plan.warmup {
                     state.train_step(&mut reducer)?;

@@ -234,6 +234,9 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Checkpoint every this many steps (and at the end); 0: only at the end.
     pub checkpoint_every: u64,
+    /// Updates in a row that may be skipped for a non-finite loss or gradient before the run
+    /// stops with an error; 0: stop at the first.
+    pub max_nonfinite_steps: u64,
 }
 
 impl Default for TrainSection {
@@ -247,6 +250,7 @@ impl Default for TrainSection {
             eval_samples: 200_000,
             log_every: 50,
             checkpoint_every: 1000,
+            max_nonfinite_steps: 0,
         }
     }
 }
@@ -328,6 +332,27 @@ impl Config {
         Self::from_value(root, "--set")
     }
 
+    /// The settings a resumed run must share with its checkpoint: every `env.*` and `model.*`
+    /// value (the problem and the network's shape), as `key` and TOML text.
+    pub fn identity_settings(&self) -> Vec<(String, String)> {
+        fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) {
+            match value.as_table() {
+                Some(table) => table
+                    .iter()
+                    .for_each(|(k, v)| flatten(&format!("{prefix}.{k}"), v, out)),
+                None => out.push((prefix.to_string(), value.to_string())),
+            }
+        }
+        let root = toml::Value::try_from(self).expect("the configuration serialises");
+        let mut out = Vec::new();
+        for section in ["env", "model"] {
+            if let Some(value) = root.get(section) {
+                flatten(section, value, &mut out);
+            }
+        }
+        out
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the configuration serialises")
     }
@@ -382,6 +407,7 @@ impl Config {
             threads: self.train.threads,
             exact_samples: self.train.eval_samples,
             metrics: self.metrics.clone(),
+            max_nonfinite_steps: self.train.max_nonfinite_steps,
         };
         config.validate()?;
         Ok(config)

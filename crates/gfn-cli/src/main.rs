@@ -6,6 +6,8 @@ mod plot;
 mod progress;
 mod remote;
 mod run;
+mod rundir;
+mod signals;
 mod sweep;
 mod tensorboard;
 mod wandb;
@@ -15,6 +17,8 @@ use clap::{Args, Parser, Subcommand};
 use config::Config;
 use gfn_ddp::launch_env::RankInfo;
 use gfn_ddp::world::{JoinOptions, World};
+use run::Outcome;
+use rundir::OutMode;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -59,6 +63,14 @@ struct TrainArgs {
     /// Continue the run in this directory from its checkpoint (with its saved config).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "out"])]
     resume: Option<PathBuf>,
+    /// Delete the run already in --out (its config, checkpoint, metrics, summary, event files
+    /// and plots) instead of refusing to train there.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Continue the run in --out when it holds a checkpoint (as --resume would), else start
+    /// it: a requeued job (launch/slurm.sbatch) runs the same command line again.
+    #[arg(long, requires = "out", conflicts_with_all = ["resume", "overwrite"])]
+    auto_resume: bool,
     /// auto, cpu, cuda or cuda:N (same as --set train.device=...).
     #[arg(long)]
     device: Option<String>,
@@ -141,7 +153,17 @@ fn train(args: TrainArgs) -> Result<()> {
             overrides.push(format!("wandb.{key}={value:?}"));
         }
     }
-    let (mut config, out, resume) = match args.resume {
+    let stopped_run = args
+        .out
+        .as_ref()
+        .filter(|out| args.auto_resume && out.join(run::CHECKPOINT_FILE).exists());
+    if let Some(out) = stopped_run {
+        tracing::info!(
+            "--auto-resume: continuing the run in {} from its checkpoint",
+            out.display()
+        );
+    }
+    let (mut config, out, mode) = match args.resume.or(stopped_run.cloned()) {
         Some(dir) => {
             let path = dir.join(run::CONFIG_FILE);
             if !dir.join(run::CHECKPOINT_FILE).exists() {
@@ -156,7 +178,7 @@ fn train(args: TrainArgs) -> Result<()> {
                     .with_context(|| format!("--resume {}", dir.display()))?
                     .with_overrides(&overrides)?,
                 dir,
-                true,
+                OutMode::Resume,
             )
         }
         None => {
@@ -170,7 +192,11 @@ fn train(args: TrainArgs) -> Result<()> {
                     .map_or(0, |d| d.as_secs());
                 PathBuf::from(format!("runs/run-{secs}"))
             });
-            (base.with_overrides(&overrides)?, out, false)
+            let mode = match args.overwrite {
+                true => OutMode::Overwrite,
+                false => OutMode::Fresh,
+            };
+            (base.with_overrides(&overrides)?, out, mode)
         }
     };
     config.train.threads = run::threads_per_rank(config.train.threads);
@@ -187,14 +213,25 @@ fn train(args: TrainArgs) -> Result<()> {
         return remote::serve(&world, server, &config);
     }
     let wandb_config = config.wandb.clone();
-    if let Some(summary) = run::train(
-        run::TrainRequest {
-            config,
-            out: out.clone(),
-            resume,
-        },
-        &mut world,
-    )? {
+    signals::install();
+    let request = run::TrainRequest {
+        config,
+        out: out.clone(),
+        mode,
+    };
+    let summary = match run::train(request, &mut world)? {
+        Outcome::Finished(summary) => summary,
+        Outcome::Stopped { step } => {
+            if world.is_root() {
+                eprintln!(
+                    "stopped by a signal after step {step}; checkpoint written; continue with: gfn train --resume {}",
+                    out.display()
+                );
+            }
+            std::process::exit(signals::STOPPED_EXIT_CODE);
+        }
+    };
+    if let Some(summary) = summary {
         print!("{}", run::summary_table(&summary));
         println!("run directory: {}", out.display());
         match plot::plot_run(&out) {

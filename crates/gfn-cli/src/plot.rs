@@ -320,7 +320,9 @@ fn marginal(state: &gfn_core::train::TrainState, side: usize, probabilities: &[f
 /// truth is known; returns whether it drew them.
 fn distribution(dir: &Path, path: &Path) -> Result<bool> {
     let config = Config::from_file(&dir.join(CONFIG_FILE))?;
-    let state = build_state(&config, dir, true, Device::Cpu, 0)?;
+    let mut state = build_state(&config, Device::Cpu, 0)?;
+    // Any run's checkpoint can be drawn, whatever its world size.
+    gfn_core::checkpoint::load(&mut state, &dir.join(CHECKPOINT_FILE), None)?;
     let (Some(side), Some(truth)) = (state.env.grid_side(), state.truth.as_ref()) else {
         return Ok(false);
     };

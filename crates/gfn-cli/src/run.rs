@@ -4,9 +4,11 @@
 use crate::config::Config;
 use crate::progress::Progress;
 use crate::remote::{BufferMetrics, BufferSummary, RemoteReplay};
+use crate::rundir::{OutMode, RunDir};
+use crate::signals;
 use crate::tensorboard::EventWriter;
 use anyhow::{bail, Context, Result};
-use gfn_core::checkpoint;
+use gfn_core::checkpoint::{self, RunIdentity};
 use gfn_core::parallel;
 use gfn_core::train::{Evaluation, StepMetrics, TrainState};
 use gfn_ddp::comm::{all_gather_bytes, ReduceOp};
@@ -65,25 +67,39 @@ pub struct Summary {
 pub struct TrainRequest {
     pub config: Config,
     pub out: PathBuf,
-    pub resume: bool,
+    pub mode: OutMode,
 }
 
-/// Builds the state for `config` on `device` (sampling stream `stream`), restoring the
-/// checkpoint in `out` when resuming.
-pub fn build_state(
-    config: &Config,
-    out: &Path,
-    resume: bool,
-    device: Device,
-    stream: u64,
-) -> Result<TrainState> {
+/// How a run ended.
+pub enum Outcome {
+    /// Every step done; rank 0 has the summary.
+    Finished(Option<Box<Summary>>),
+    /// Stopped by a signal after `step` steps, with a checkpoint to resume from.
+    Stopped { step: u64 },
+}
+
+/// Ranks agree on a stop request every this many steps (one tiny all-reduce each time).
+const STOP_CHECK_EVERY: u64 = 8;
+
+/// Builds the state for `config` on `device` (sampling stream `stream`).
+pub fn build_state(config: &Config, device: Device, stream: u64) -> Result<TrainState> {
     let train_config = config.train_config()?;
     let env = config.env.build()?;
-    let mut state = TrainState::new(env, train_config, device, stream)?;
-    if resume {
-        checkpoint::load(&mut state, &out.join(CHECKPOINT_FILE))?;
+    Ok(TrainState::new(env, train_config, device, stream)?)
+}
+
+/// What a checkpoint of this run records about it, and a resume must match.
+fn identity(config: &Config, world_size: usize) -> RunIdentity {
+    RunIdentity {
+        world_size,
+        settings: config.identity_settings(),
     }
-    Ok(state)
+}
+
+/// Restores `state` from the checkpoint in `out`, refusing one written by a different run.
+fn resume_from(state: &mut TrainState, out: &Path, identity: &RunIdentity) -> Result<()> {
+    checkpoint::load(state, &out.join(CHECKPOINT_FILE), Some(identity))?;
+    Ok(())
 }
 
 /// `train.threads`, with 0 resolved to this machine's CPUs shared among the ranks that the
@@ -93,16 +109,6 @@ pub fn threads_per_rank(threads: usize) -> usize {
         .ok()
         .map_or(1, |info| info.local_world_size.unwrap_or(info.world_size));
     parallel::resolve_threads(threads, ranks_here)
-}
-
-pub fn prepare_out_dir(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create --out {}", out.display()))?;
-    let probe = out.join(".write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("--out {} is not writable", out.display()))?;
-    std::fs::remove_file(probe)?;
-    Ok(())
 }
 
 /// Everything rank 0 needs at an evaluation that involves the other ranks: what every rank's
@@ -129,33 +135,33 @@ fn gather_for_evaluation(state: &mut TrainState, world: &mut World, loss: f64) -
 }
 
 /// Trains on this rank. Rank 0 evaluates, logs, checkpoints and returns the summary; the other
-/// ranks return `None`.
-pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>> {
-    let TrainRequest {
-        config,
-        out,
-        resume,
-    } = request;
+/// ranks finish with `None`. A stop signal ends every rank after the same step, with a
+/// checkpoint.
+pub fn train(request: TrainRequest, world: &mut World) -> Result<Outcome> {
+    let TrainRequest { config, out, mode } = request;
     let root = world.is_root();
     let (rank, world_size) = (world.rank(), world.world_size());
-    if root {
-        prepare_out_dir(&out)?;
-    }
+    let run_dir = root.then(|| RunDir::claim(&out, mode)).transpose()?;
     let device = match world.device {
         Some(device) => device,
         None => config.device()?,
     };
-    let mut state = build_state(&config, &out, resume, device, rank as u64)?;
+    let identity = identity(&config, world_size);
+    let mut state = build_state(&config, device, rank as u64)?;
+    if mode == OutMode::Resume {
+        resume_from(&mut state, &out, &identity)?;
+    }
     if world_size > 1 {
         // Every rank starts from rank 0's parameters (and, resuming, its optimizer state).
         let mut params = state.estimators.params.flat().shallow_clone();
         world.comm.broadcast(&mut params, 0)?;
-        if resume {
+        if mode == OutMode::Resume {
             state.reseed_sampling(rank as u64);
         }
     }
     let mut remote = RemoteReplay::connect(world, &config, state.env.state_dim())?;
-    if root {
+    if let Some(dir) = &run_dir {
+        dir.trim_metrics_after(METRICS_FILE, state.step)?;
         std::fs::write(out.join(CONFIG_FILE), config.to_toml())
             .with_context(|| format!("writing {}", out.join(CONFIG_FILE).display()))?;
     }
@@ -169,22 +175,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
     }
     let device_name = format!("{device:?}").to_lowercase();
     if root {
-        if let Some(reason) = &state.no_truth {
-            tracing::info!("no exact metrics: {reason}");
-        }
-        tracing::info!(
-            env = %state.env.describe(),
-            loss = ?config.loss.name,
-            batch = config.sampling.batch_size,
-            ranks = world_size,
-            threads = config.train.threads,
-            backend = world.comm.backend(),
-            params = state.estimators.params.len(),
-            device = %device_name,
-            out = %out.display(),
-            "training from step {} to {total}",
-            state.step
-        );
+        announce(&state, &config, world, &device_name, &out);
     }
     let mut events =
         if root {
@@ -204,6 +195,15 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
     } else {
         None
     };
+    let checkpoint_path = out.join(CHECKPOINT_FILE);
+    let save = |state: &mut TrainState, world: &mut World| -> Result<()> {
+        // Ranks that shared the update out hold current moments for their share only.
+        state.gather_optimizer_state(&mut AllReduceGradients::new(world.comm.as_mut()))?;
+        if world.is_root() {
+            checkpoint::save(state, &checkpoint_path, &identity)?;
+        }
+        Ok(())
+    };
     let started = Instant::now();
     let mut train_time = 0.0;
     let (mut all_reduce_time, mut rank_wait_time) = (Duration::ZERO, Duration::ZERO);
@@ -216,10 +216,24 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         mean_log_reward: f64::NAN,
         mean_length: f64::NAN,
         epsilon: state.epsilon(),
+        skipped: false,
     };
     let mut last_eval = None;
     let due = |every: u64, step: u64| every > 0 && step.is_multiple_of(every);
     while state.step < total {
+        if stop_agreed(world, state.estimators.device(), state.step)? {
+            save(&mut state, world)?;
+            // No rank exits (which a launcher may answer by killing the rest) before rank 0
+            // has written the checkpoint.
+            world.comm.barrier()?;
+            if let Some(remote) = remote {
+                remote.finish(world)?;
+            }
+            if let Some(p) = &progress {
+                p.finish();
+            }
+            return Ok(Outcome::Stopped { step: state.step });
+        }
         let t = Instant::now();
         let mut reducer = AllReduceGradients::new(world.comm.as_mut());
         let (batch, _) = match remote.as_mut() {
@@ -230,6 +244,14 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         all_reduce_time += reducer.elapsed;
         rank_wait_time += reducer.waited;
         train_time += t.elapsed().as_secs_f64();
+        if last.skipped && root {
+            tracing::warn!(
+                "step {}: non-finite loss or gradient, update skipped ({} in a row, train.max_nonfinite_steps = {})",
+                state.step,
+                state.nonfinite_in_a_row,
+                config.train.max_nonfinite_steps
+            );
+        }
         let steps_per_s = (state.step - first_step) as f64 / train_time;
         // Fresh trajectories: every training rank samples one batch per step.
         let trajectories_per_s = steps_per_s * (config.sampling.batch_size * world_size) as f64;
@@ -272,11 +294,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
             }
         }
         if due(config.train.checkpoint_every, state.step) || state.step == total {
-            // Ranks that shared the update out hold current moments for their share only.
-            state.gather_optimizer_state(&mut AllReduceGradients::new(world.comm.as_mut()))?;
-            if root {
-                checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
-            }
+            save(&mut state, world)?;
         }
         if let Some(p) = progress.as_mut() {
             p.step(
@@ -298,13 +316,13 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
     };
     world.comm.barrier()?;
     if !root {
-        return Ok(None);
+        return Ok(Outcome::Finished(None));
     }
     // A run with nothing left to do (e.g. resumed at its last step) still reports and saves.
     let eval = match last_eval {
         Some(eval) => eval,
         None => {
-            checkpoint::save(&state, &out.join(CHECKPOINT_FILE))?;
+            checkpoint::save(&state, &checkpoint_path, &identity)?;
             state.evaluate()?
         }
     };
@@ -339,7 +357,41 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Option<Summary>
         out.join(SUMMARY_FILE),
         serde_json::to_string_pretty(&summary)? + "\n",
     )?;
-    Ok(Some(summary))
+    Ok(Outcome::Finished(Some(Box::new(summary))))
+}
+
+/// Whether every rank should stop before `step`'s update: a signal reached this process (one
+/// rank) or any rank (checked together every [`STOP_CHECK_EVERY`] steps).
+fn stop_agreed(world: &mut World, device: Device, step: u64) -> Result<bool> {
+    if world.world_size() == 1 {
+        return Ok(signals::requested());
+    }
+    if !step.is_multiple_of(STOP_CHECK_EVERY) {
+        return Ok(false);
+    }
+    let mut flag = Tensor::from_slice(&[signals::requested() as u8 as f32]).to_device(device);
+    world.comm.all_reduce(&mut flag, ReduceOp::Sum)?;
+    Ok(flag.double_value(&[0]) > 0.0)
+}
+
+fn announce(state: &TrainState, config: &Config, world: &World, device: &str, out: &Path) {
+    if let Some(reason) = &state.no_truth {
+        tracing::info!("no exact metrics: {reason}");
+    }
+    tracing::info!(
+        env = %state.env.describe(),
+        loss = ?config.loss.name,
+        batch = config.sampling.batch_size,
+        ranks = world.world_size(),
+        threads = config.train.threads,
+        backend = world.comm.backend(),
+        params = state.estimators.params.len(),
+        device = %device,
+        out = %out.display(),
+        "training from step {} to {}",
+        state.step,
+        config.train.steps
+    );
 }
 
 /// Every number in a metrics line except the step, as TensorBoard scalars named by their key.

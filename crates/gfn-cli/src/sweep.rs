@@ -6,6 +6,7 @@
 
 use crate::config::Config;
 use crate::run::{self, METRICS_FILE, SUMMARY_FILE};
+use crate::rundir::OutMode;
 use anyhow::{bail, Context, Result};
 use gfn_ddp::world::World;
 use serde::Serialize;
@@ -96,14 +97,14 @@ pub fn run(plan: &SweepPlan) -> Result<Vec<Row>> {
             } else {
                 tracing::info!("{setting} seed {seed}: training in {}", dir.display());
                 let _ = std::fs::remove_dir_all(&dir);
-                run::train(
-                    run::TrainRequest {
-                        config,
-                        out: dir.clone(),
-                        resume: false,
-                    },
-                    &mut World::single(),
-                )?;
+                let request = run::TrainRequest {
+                    config,
+                    out: dir.clone(),
+                    mode: OutMode::Fresh,
+                };
+                if let run::Outcome::Stopped { step } = run::train(request, &mut World::single())? {
+                    bail!("{setting} seed {seed}: stopped by a signal after step {step}");
+                }
             }
             let summary = read_summary(&dir)
                 .with_context(|| format!("no {SUMMARY_FILE} in {}", dir.display()))?;

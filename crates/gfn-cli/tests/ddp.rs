@@ -1,9 +1,13 @@
 //! `gfn train` across rank processes: two MPI ranks, torchrun-style variables, a rank that never
-//! arrives, and `srun` without the PMIx plugin.
+//! arrives, `srun` without the PMIx plugin, a stop signal under mpirun, and a Slurm job that
+//! is preempted, requeued and resumed.
 
 mod common;
 
-use common::{assert_ok, bare_gfn, free_port, mpirun, scratch, summary, GFN, QUALITY_RUN};
+use common::{
+    assert_ok, bare_gfn, free_port, mpirun, scratch, stopped_at, summary, GFN, QUALITY_RUN,
+    UNTIL_STOPPED,
+};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -42,6 +46,23 @@ fn two_mpi_ranks_learn_as_well_as_one_with_the_same_total_batch() {
     );
     assert_ok(&resumed);
     assert_eq!(summary(&two)["steps"], 1100);
+    // With another world size the run would continue on other batches: refused by name.
+    let one_rank = bare_gfn()
+        .args([
+            "train",
+            "--resume",
+            two.to_str().unwrap(),
+            "--set",
+            "train.steps=1200",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&one_rank.stderr);
+    assert!(!one_rank.status.success());
+    assert!(
+        stderr.contains("written by 2 training ranks, this run has 1"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(two);
 }
 
@@ -218,4 +239,137 @@ fn srun_with_pmix_trains_two_ranks_and_without_it_explains() {
     assert!(!result.status.success());
     assert!(String::from_utf8_lossy(&result.stderr).contains("srun --mpi=pmix"));
     let _ = std::fs::remove_dir_all(out);
+}
+
+/// SIGTERM to mpirun reaches both ranks, which stop after the same step with rank 0's
+/// checkpoint; a resume continues from it.
+#[test]
+fn a_signal_to_mpirun_stops_both_ranks_with_a_checkpoint() {
+    let out = scratch("mpirun-stop");
+    let mut job = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", GFN])
+        .args(["train", "--out", out.to_str().unwrap(), "--device", "cpu"])
+        .args(UNTIL_STOPPED)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !out.join("checkpoint.pt").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let signalled = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &job.id().to_string()])
+        .status()
+        .unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(job.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    job.wait().unwrap();
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+    let step = stopped_at(&stderr);
+    assert_eq!(step % 8, 0, "ranks agree on a stop every 8 steps");
+    let resumed = mpirun(
+        2,
+        &[],
+        &[
+            "train",
+            "--resume",
+            out.to_str().unwrap(),
+            "--set",
+            &format!("train.steps={}", step + 16),
+        ],
+    );
+    assert_ok(&resumed);
+    assert_eq!(summary(&out)["steps"], step + 16);
+    let _ = std::fs::remove_dir_all(out);
+}
+
+/// launch/slurm.sbatch under a preemption: SIGTERM to the job's tasks (`scancel --signal`),
+/// which exit 75 with a checkpoint; the script requeues the job, and the same command line
+/// (`--auto-resume`) continues from that checkpoint.
+#[test]
+fn a_preempted_slurm_job_is_requeued_and_resumes_from_its_checkpoint() {
+    if std::env::var("GFN_TEST_SLURM").as_deref() != Ok("1") {
+        eprintln!(
+            "needs a Slurm cluster: run launch/local-slurm.sh as root and set GFN_TEST_SLURM=1"
+        );
+        return;
+    }
+    let out = scratch("sbatch-requeue");
+    let log = out.with_extension("log");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let submitted = Command::new("sbatch")
+        .current_dir(root)
+        .args([
+            "--parsable",
+            "-n",
+            "2",
+            &format!("--output={}", log.display()),
+        ])
+        .args([
+            "launch/slurm.sbatch",
+            "train",
+            "--auto-resume",
+            "--device",
+            "cpu",
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .args(UNTIL_STOPPED)
+        // sbatch passes its environment on: the log must show where each run starts.
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_ok(&submitted);
+    let job = String::from_utf8_lossy(&submitted.stdout)
+        .trim()
+        .to_string();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_for = |what: &str, ready: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !ready() {
+            if start.elapsed() > Duration::from_secs(90) {
+                let _ = Command::new("scancel").arg(&job).status();
+                panic!("{what} within 90 s; log:\n{}", read_log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for("a first checkpoint", &|| out.join("checkpoint.pt").exists());
+    assert!(Command::new("scancel")
+        .args(["--signal=TERM", &job])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("the requeue", &|| read_log().contains("requeueing job"));
+    // Slurm holds a requeued job back for a while; release it once it has been pending a
+    // few seconds (sooner, the node may still hold the first run's PMIx socket).
+    let state = || {
+        let o = Command::new("squeue")
+            .args(["-h", "-j", &job, "-o", "%T"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    wait_for("the job pending again", &|| state() == "PENDING");
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = Command::new("scontrol")
+        .args(["update", &format!("JobId={job}"), "StartTime=now"])
+        .output();
+    wait_for("the resumed run", &|| {
+        read_log().contains("--auto-resume: continuing")
+    });
+    wait_for("training after the resume", &|| {
+        read_log().matches("training from step").count() == 2
+    });
+    let _ = Command::new("scancel").arg(&job).status();
+    let text = read_log();
+    let stopped = stopped_at(&text);
+    assert!(
+        text.contains(&format!("training from step {stopped} to")),
+        "the requeued job did not continue from step {stopped}:\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::remove_file(log);
 }

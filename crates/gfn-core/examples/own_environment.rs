@@ -223,6 +223,7 @@ fn config(seed: u64) -> TrainConfig {
         seed,
         threads: 1,
         exact_samples: 20_000,
+        max_nonfinite_steps: 0,
         metrics: MetricsConfig::default(),
     }
 }

@@ -1,6 +1,9 @@
 //! Checkpoints: parameters, optimizer moments, step, RNG position, replay buffer and every
 //! metric's state, in one file written atomically (temporary file, fsync, rename), so that a
-//! resumed run continues exactly where the stopped one was.
+//! resumed run continues exactly where the stopped one was. A CRC-32 over every tensor's bytes
+//! catches a damaged file; the run's identity (world size, the settings that must not change,
+//! the parameter layout) lets a resume refuse a different run; and non-finite parameters or
+//! moments are never written, so a diverged run cannot replace its last good checkpoint.
 
 use crate::replay::ReplayBuffer;
 use crate::train::TrainState;
@@ -10,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
+/// The tensor holding the CRC-32 of all the others (little-endian, 4 bytes).
+const CHECKSUM: &str = "checksum";
 /// Tensor names of the metrics' states: this prefix and the metric's name.
 const METRIC_PREFIX: &str = "metric.";
 
@@ -26,6 +31,55 @@ struct Metadata {
     /// u128 as a decimal string (JSON numbers cannot hold it).
     rng_word_pos: String,
     replay: ReplayBuffer,
+    /// Consecutive updates skipped for non-finite values ([`TrainState::update`]).
+    nonfinite_in_a_row: u64,
+    identity: RunIdentity,
+    /// Every parameter's name and shape.
+    layout: Vec<(String, Vec<i64>)>,
+}
+
+/// What makes a checkpoint belong to one run: a resume must match it. `settings` are the
+/// configuration values (as `key = value` text) that the caller says must not change.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RunIdentity {
+    pub world_size: usize,
+    pub settings: Vec<(String, String)>,
+}
+
+impl RunIdentity {
+    /// The first difference between the checkpoint's identity (`self`) and the current run's,
+    /// as one line naming the setting and both values.
+    pub fn difference(&self, current: &RunIdentity) -> Option<String> {
+        if self.world_size != current.world_size {
+            return Some(format!(
+                "it was written by {} training ranks, this run has {}",
+                self.world_size, current.world_size
+            ));
+        }
+        let lookup = |settings: &[(String, String)], key: &str| {
+            settings
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let keys = self
+            .settings
+            .iter()
+            .chain(&current.settings)
+            .map(|(k, _)| k);
+        for key in keys {
+            let (saved, now) = (lookup(&self.settings, key), lookup(&current.settings, key));
+            if saved != now {
+                let shown = |v: Option<String>| v.unwrap_or_else(|| "unset".into());
+                return Some(format!(
+                    "{key} is {} in the checkpoint and {} in this run",
+                    shown(saved),
+                    shown(now)
+                ));
+            }
+        }
+        None
+    }
 }
 
 fn checkpoint_error(path: &Path, reason: impl std::fmt::Display) -> Error {
@@ -35,7 +89,24 @@ fn checkpoint_error(path: &Path, reason: impl std::fmt::Display) -> Error {
     }
 }
 
-pub fn save(state: &TrainState, path: &Path) -> Result<()> {
+/// Writes `state` to `path` atomically; refuses (leaving `path` as it was) when a parameter or
+/// optimizer moment is not finite.
+pub fn save(state: &TrainState, path: &Path, identity: &RunIdentity) -> Result<()> {
+    for (name, t) in [
+        ("a parameter", state.estimators.params.flat()),
+        ("an optimizer moment", &state.optimizer.exp_avg),
+        ("an optimizer moment", &state.optimizer.exp_avg_sq),
+    ] {
+        if !all_finite(t) {
+            return Err(checkpoint_error(
+                path,
+                format!(
+                    "not written at step {}: {name} is not finite (the last good checkpoint is kept)",
+                    state.step
+                ),
+            ));
+        }
+    }
     let meta = Metadata {
         format: FORMAT_VERSION,
         step: state.step,
@@ -46,6 +117,9 @@ pub fn save(state: &TrainState, path: &Path) -> Result<()> {
         rng_stream: state.rng.get_stream(),
         rng_word_pos: state.rng.get_word_pos().to_string(),
         replay: state.replay.clone(),
+        nonfinite_in_a_row: state.nonfinite_in_a_row,
+        identity: identity.clone(),
+        layout: layout(state),
     };
     let meta = serde_json::to_vec(&meta).map_err(|e| checkpoint_error(path, e))?;
     let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu);
@@ -60,15 +134,67 @@ pub fn save(state: &TrainState, path: &Path) -> Result<()> {
             tensors.push((format!("{METRIC_PREFIX}{name}"), Tensor::from_slice(&bytes)));
         }
     }
-    let tmp = path.with_extension("tmp");
+    let checksum = checksum(tensors.iter()).to_le_bytes();
+    tensors.push((CHECKSUM.to_string(), Tensor::from_slice(&checksum)));
+    // The process id keeps two writers (which the run directory's lock should prevent) from
+    // sharing a temporary file.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     Tensor::save_multi(&tensors, &tmp).map_err(|e| checkpoint_error(&tmp, e))?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path).map_err(|e| checkpoint_error(path, e))?;
     Ok(())
 }
 
-/// Restores `state` (built from the same configuration) from a checkpoint.
-pub fn load(state: &mut TrainState, path: &Path) -> Result<()> {
+fn layout(state: &TrainState) -> Vec<(String, Vec<i64>)> {
+    state
+        .estimators
+        .params
+        .specs()
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone()))
+        .collect()
+}
+
+/// Whether every element of a float tensor is finite.
+pub fn all_finite(t: &Tensor) -> bool {
+    all_below(t, f32::INFINITY)
+}
+
+/// Whether every element of a float tensor has a magnitude below `limit` (NaN never has): a
+/// plain loop over CPU memory, one reduction elsewhere.
+pub fn all_below(t: &Tensor, limit: f32) -> bool {
+    if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
+        // SAFETY: a contiguous f32 CPU tensor of `numel` elements, borrowed for the loop.
+        let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
+        return values.iter().all(|x| x.abs() < limit);
+    }
+    t.numel() == 0 || t.abs().max().double_value(&[]) < limit as f64
+}
+
+/// CRC-32 over every tensor's name and bytes, in the order of their names (a loaded archive
+/// need not keep the order they were saved in).
+fn checksum<'a>(tensors: impl Iterator<Item = &'a (String, Tensor)>) -> u32 {
+    let mut sorted: Vec<_> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut crc = crc32fast::Hasher::new();
+    for (name, t) in sorted {
+        crc.update(name.as_bytes());
+        let t = t.contiguous();
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        // SAFETY: a contiguous CPU tensor of `bytes` bytes, borrowed for the update.
+        crc.update(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, bytes) });
+    }
+    crc.finalize()
+}
+
+/// Restores `state` (built from the same configuration) from a checkpoint, after checking its
+/// checksum, that it belongs to the run `expected` (when given: a resume) and that its
+/// parameters have the layout of `state`'s. Returns the identity of the run that wrote it.
+pub fn load(
+    state: &mut TrainState,
+    path: &Path,
+    expected: Option<&RunIdentity>,
+) -> Result<RunIdentity> {
     if !path.exists() {
         return Err(checkpoint_error(path, "no such file"));
     }
@@ -85,6 +211,7 @@ pub fn load(state: &mut TrainState, path: &Path) -> Result<()> {
             .map(|(_, t)| t.shallow_clone())
             .ok_or_else(|| checkpoint_error(path, format!("missing tensor `{name}`")))
     };
+    verify_checksum(path, &tensors)?;
     let meta_bytes = get("meta")?;
     let meta_bytes = Vec::<u8>::try_from(meta_bytes.to_kind(Kind::Uint8))
         .map_err(|e| checkpoint_error(path, e))?;
@@ -99,7 +226,16 @@ pub fn load(state: &mut TrainState, path: &Path) -> Result<()> {
             ),
         ));
     }
+    if let Some(difference) = expected.and_then(|e| meta.identity.difference(e)) {
+        return Err(checkpoint_error(
+            path,
+            format!("belongs to a different run: {difference}"),
+        ));
+    }
     let n = state.estimators.params.len();
+    if let Some(reason) = layout_difference(&meta.layout, &layout(state)) {
+        return Err(checkpoint_error(path, reason));
+    }
     if meta.n_params != n {
         return Err(checkpoint_error(
             path,
@@ -151,5 +287,58 @@ pub fn load(state: &mut TrainState, path: &Path) -> Result<()> {
     state.step = meta.step;
     state.trajectories = meta.trajectories;
     state.replay = meta.replay;
+    state.nonfinite_in_a_row = meta.nonfinite_in_a_row;
+    Ok(meta.identity)
+}
+
+fn verify_checksum(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let stored = match tensors.iter().find(|(n, _)| n == CHECKSUM) {
+        Some((_, t)) => {
+            Vec::<u8>::try_from(t.to_kind(Kind::Uint8)).map_err(|e| checkpoint_error(path, e))?
+        }
+        None => {
+            return Err(checkpoint_error(
+                path,
+                "has no checksum (not written by this version)",
+            ))
+        }
+    };
+    let computed = checksum(tensors.iter().filter(|(n, _)| n != CHECKSUM)).to_le_bytes();
+    if stored != computed {
+        return Err(checkpoint_error(
+            path,
+            format!(
+                "checksum mismatch (stored {}, computed {:08x}): the file is damaged",
+                stored
+                    .iter()
+                    .rev()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+                u32::from_le_bytes(computed)
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// The first parameter whose name or shape differs between the checkpoint and this model.
+fn layout_difference(
+    saved: &[(String, Vec<i64>)],
+    current: &[(String, Vec<i64>)],
+) -> Option<String> {
+    for (i, (s, c)) in saved.iter().zip(current).enumerate() {
+        if s != c {
+            return Some(format!(
+                "parameter {i} is {} {:?} in the checkpoint and {} {:?} in this model (a different model.* setting?)",
+                s.0, s.1, c.0, c.1
+            ));
+        }
+    }
+    (saved.len() != current.len()).then(|| {
+        format!(
+            "holds {} parameter tensors, this model has {} (a different model.* setting?)",
+            saved.len(),
+            current.len()
+        )
+    })
 }

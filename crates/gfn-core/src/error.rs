@@ -25,6 +25,15 @@ pub enum Error {
     /// A metric's state (from a checkpoint) or share (from another rank) that does not decode.
     #[error("metric {metric}: {reason}")]
     MetricData { metric: String, reason: String },
+    /// Training diverged: nothing non-finite reached the parameters a checkpoint holds.
+    #[error(
+        "step {step}: {what}; training stopped (train.max_nonfinite_steps = {allowed}); no checkpoint holds non-finite values"
+    )]
+    NonFinite {
+        step: u64,
+        what: String,
+        allowed: u64,
+    },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
     /// A collective of the gradient hook failed (data-parallel training).

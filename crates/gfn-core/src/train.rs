@@ -2,6 +2,7 @@
 //! `update` = forward → loss → backward → gradient hook → optimizer step. The hook is where data
 //! parallelism all-reduces the flat gradient; a single rank passes [`NoReduction`].
 
+use crate::checkpoint::{all_below, all_finite};
 use crate::env::Environment;
 use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
 use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig, LossKind};
@@ -53,6 +54,9 @@ pub struct TrainConfig {
     /// Terminal states sampled for the sampled distances to the exact target.
     pub exact_samples: usize,
     pub metrics: MetricsConfig,
+    /// Updates in a row that may be skipped for a non-finite loss or gradient before training
+    /// stops with [`Error::NonFinite`]; 0 stops at the first.
+    pub max_nonfinite_steps: u64,
 }
 
 impl TrainConfig {
@@ -156,6 +160,9 @@ pub struct StepMetrics {
     pub mean_log_reward: f64,
     pub mean_length: f64,
     pub epsilon: f64,
+    /// The update was skipped for a non-finite loss or gradient.
+    #[serde(skip)]
+    pub skipped: bool,
 }
 
 /// The values of an evaluation, by name: the learned log Z estimate, then every metric's.
@@ -189,6 +196,11 @@ impl Serialize for Evaluation {
     }
 }
 
+/// Larger gradient elements count as non-finite: Adam squares them into its second moment,
+/// and f32 holds squares up to 3.4e38 only (an infinite moment then stalls or poisons the
+/// update). The mean over ranks stays below it too.
+const GRADIENT_LIMIT: f32 = 1e19;
+
 pub struct TrainState {
     pub env: Box<dyn Environment>,
     pub config: TrainConfig,
@@ -204,6 +216,9 @@ pub struct TrainState {
     /// Why there is no exact target (the environment cannot be enumerated, or is too large).
     pub no_truth: Option<String>,
     pub metrics: MetricSet,
+    /// Updates skipped in a row for a non-finite loss or gradient (see
+    /// [`TrainConfig::max_nonfinite_steps`]).
+    pub nonfinite_in_a_row: u64,
     /// Helper threads for rollouts, the update and Adam (CPU, several threads, where
     /// [`pool_pays`]); see [`crate::parallel`].
     pool: Option<ThreadPool>,
@@ -277,6 +292,7 @@ impl TrainState {
             truth,
             no_truth,
             metrics,
+            nonfinite_in_a_row: 0,
             pool,
             threads,
         })
@@ -330,7 +346,10 @@ impl TrainState {
         Ok((batch, n))
     }
 
-    /// One gradient step on `batch`.
+    /// One gradient step on `batch`. A non-finite loss or gradient on any rank skips the update
+    /// on every rank (up to `max_nonfinite_steps` in a row, then [`Error::NonFinite`]); a
+    /// non-finite parameter after the step stops training at once. Either way the parameters
+    /// a checkpoint could hold stay finite.
     pub fn update(
         &mut self,
         batch: &Trajectories,
@@ -343,26 +362,64 @@ impl TrainState {
             &mut self.estimators,
             batch,
             self.pool.as_ref(),
-        );
+        )
+        .double_value(&[]);
         let mut grad = self.estimators.params.grad();
+        let finite_here = loss.is_finite() && all_below(&grad, GRADIENT_LIMIT);
+        if !finite_here {
+            // Every element NaN: after the reduction every rank's share shows it, so all ranks
+            // skip this update together.
+            let _ = grad.fill_(f64::NAN);
+        }
         let reduced = reducer.reduce_sum(&mut grad)?;
-        self.optimizer.step_on(
-            &mut self.estimators.params,
-            &grad,
-            &reduced,
-            self.pool.as_ref(),
-        );
-        reducer.gather_shares(&mut self.estimators.params.flat().shallow_clone())?;
-        let metrics = StepMetrics {
-            loss: loss.double_value(&[]),
+        let finite_everywhere = grad.double_value(&[reduced.share.start as i64]).is_finite();
+        self.step += 1;
+        if finite_everywhere {
+            self.nonfinite_in_a_row = 0;
+            self.optimizer.step_on(
+                &mut self.estimators.params,
+                &grad,
+                &reduced,
+                self.pool.as_ref(),
+            );
+            reducer.gather_shares(&mut self.estimators.params.flat().shallow_clone())?;
+            if !all_finite(self.estimators.params.flat()) {
+                return Err(self.nonfinite("a parameter became non-finite in the update"));
+            }
+        } else {
+            self.nonfinite_in_a_row += 1;
+            if self.nonfinite_in_a_row > self.config.max_nonfinite_steps {
+                let what = match finite_here {
+                    true => "another rank's loss or gradient is non-finite",
+                    false if !loss.is_finite() => "the loss is non-finite",
+                    false => {
+                        "the gradient is non-finite (or beyond 1e19, whose square f32 cannot hold)"
+                    }
+                };
+                let in_a_row = match self.nonfinite_in_a_row {
+                    1 => String::new(),
+                    n => format!(" ({n} updates in a row)"),
+                };
+                return Err(self.nonfinite(&format!("{what}{in_a_row}")));
+            }
+        }
+        Ok(StepMetrics {
+            loss,
             batch_trajectories: batch.len(),
             mean_log_reward: batch.log_rewards.iter().map(|&r| r as f64).sum::<f64>()
                 / batch.len() as f64,
             mean_length: batch.n_states() as f64 / batch.len() as f64,
             epsilon: self.epsilon(),
-        };
-        self.step += 1;
-        Ok(metrics)
+            skipped: !finite_everywhere,
+        })
+    }
+
+    fn nonfinite(&self, what: &str) -> Error {
+        Error::NonFinite {
+            step: self.step,
+            what: what.to_string(),
+            allowed: self.config.max_nonfinite_steps,
+        }
     }
 
     /// Makes this rank's optimizer moments whole after updates that `reducer` shared out
@@ -452,6 +509,7 @@ mod tests {
                 seed: 0,
                 threads: 3,
                 exact_samples: 1000,
+                max_nonfinite_steps: 0,
                 metrics: MetricsConfig::default(),
             };
             let env = HyperGrid::new(HyperGridConfig::new(2, 4, RewardPreset::Standard)).unwrap();

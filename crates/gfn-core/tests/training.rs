@@ -40,6 +40,7 @@ fn config(kind: LossKind) -> TrainConfig {
         seed: 0,
         threads: 1,
         exact_samples: 10_000,
+        max_nonfinite_steps: 0,
         metrics: MetricsConfig::default(),
     }
 }

@@ -191,6 +191,7 @@ fn state(kind: LossKind, stream: u64) -> TrainState {
         seed: 3,
         threads: 0,
         exact_samples: 1000,
+        max_nonfinite_steps: 0,
         metrics: MetricsConfig::default(),
     };
     let env = HyperGrid::new(HyperGridConfig::new(2, 6, RewardPreset::Standard)).unwrap();

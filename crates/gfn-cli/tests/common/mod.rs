@@ -93,3 +93,30 @@ pub const QUALITY_RUN: &[&str] = &[
     "--device",
     "cpu",
 ];
+
+/// A small grid run that goes on until a signal stops it, checkpointing every 100 steps.
+pub const UNTIL_STOPPED: &[&str] = &[
+    "--set",
+    "train.steps=10000000",
+    "--set",
+    "train.validate_every=0",
+    "--set",
+    "train.checkpoint_every=100",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "env.dim=2",
+    "--set",
+    "model.hidden=32",
+];
+
+/// The step after which a signal stopped a run, from its "stopped by a signal after step N;"
+/// line.
+pub fn stopped_at(stderr: &str) -> u64 {
+    stderr
+        .split("after step ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stop step in {stderr}"))
+}
