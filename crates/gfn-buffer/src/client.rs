@@ -57,7 +57,13 @@ pub struct Client {
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Disconnected once the background thread has ended.
+    finished: std_mpsc::Receiver<()>,
 }
+
+/// How long closing waits for the background thread before leaving it behind (it may be
+/// blocked on a server that stopped answering; it ends with the process).
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// How long to wait before asking an empty buffer for samples again.
 const EMPTY_BUFFER_PAUSE: Duration = Duration::from_millis(20);
@@ -71,6 +77,7 @@ impl Client {
         let shared = Arc::new(Shared::default());
         let (commands, command_rx) = mpsc::channel(config.push_queue.max(1));
         let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<()>>(1);
+        let (finished_tx, finished) = std_mpsc::sync_channel::<()>(0);
         let addr = config.addr.clone();
         let thread = {
             let shared = Arc::clone(&shared);
@@ -78,6 +85,7 @@ impl Client {
             std::thread::Builder::new()
                 .name("replay-client".into())
                 .spawn(move || {
+                    let _finished = finished_tx;
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -122,6 +130,7 @@ impl Client {
                 commands,
                 shared,
                 thread: Some(thread),
+                finished,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(BufferError::Connection {
@@ -194,10 +203,25 @@ impl Client {
     pub fn shutdown(mut self, timeout: Duration) -> Result<ServerStats> {
         let (tx, rx) = std_mpsc::sync_channel(1);
         let stats = self.request(Command::Shutdown(tx), rx, timeout, "shutdown");
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.close();
         stats
+    }
+
+    /// Ends the background task and joins its thread, waiting at most [`CLOSE_GRACE`].
+    fn close(&mut self) {
+        // Closing the command channel ends the background task, which closes the connection.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.commands, closed));
+        self.shared.wake.notify_one();
+        let ended = matches!(
+            self.finished.recv_timeout(CLOSE_GRACE),
+            Err(std_mpsc::RecvTimeoutError::Disconnected)
+        );
+        if let Some(thread) = self.thread.take() {
+            if ended {
+                let _ = thread.join();
+            }
+        }
     }
 
     fn request(
@@ -245,13 +269,7 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        // Closing the command channel ends the background task, which closes the connection.
-        let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.commands, closed));
-        self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.close();
     }
 }
 

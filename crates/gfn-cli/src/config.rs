@@ -76,7 +76,8 @@ pub const FALLBACK_REPLAY_CAPACITY: usize = 10_000;
 pub struct DdpSection {
     /// auto (NCCL with CUDA, else MPI; local for one rank), nccl, mpi or local.
     pub backend: String,
-    /// Seconds any rank waits for the others (rendezvous, start-up) before giving up.
+    /// Seconds any rank waits for the others before the job is ended: at start-up, in every
+    /// collective (including while rank 0 evaluates or checkpoints) and for a buffer rank.
     pub timeout_s: u64,
     /// MPI backend, every training rank on one node: collectives through shared memory and the
     /// optimizer step shared out across the ranks (false: MPI_Allreduce, whole step per rank).

@@ -240,6 +240,14 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         wandb::sync(&wandb_config, &out);
     }
+    // Rank 0 has saved everything; a stopped buffer rank would keep the launcher waiting.
+    if world.is_root() && world.has_unresponsive_peer() {
+        eprintln!(
+            "error: a buffer rank stopped answering (within ddp.timeout_s); the run's results are saved in {}; ending the job",
+            out.display()
+        );
+        world.end_job(gfn_ddp::watchdog::TIMEOUT_EXIT_CODE);
+    }
     Ok(())
 }
 

@@ -372,7 +372,8 @@ impl RemoteReplay {
     /// the final statistics of every buffer rank; then all shut down.
     pub fn finish(self, world: &mut World) -> Result<Option<BufferSummary>> {
         let lost_before = self.client.lost().is_some();
-        let _ = self.client.sync(self.timeout);
+        // A buffer rank that stops answering without closing the connection (stopped, stuck).
+        let unresponsive = self.client.sync(self.timeout).is_err() && self.client.lost().is_none();
         world.comm.barrier()?;
         let final_stats: Vec<ServerStats> = if world.is_root() {
             std::iter::once(&self.client)
@@ -387,6 +388,7 @@ impl RemoteReplay {
             self.client.dropped_pushes() as f32,
             self.replayed as f32,
             (lost_before || self.client.lost().is_some()) as u8 as f32,
+            unresponsive as u8 as f32,
         ];
         let mut totals = Tensor::from_slice(&counts);
         world.comm.all_reduce(&mut totals, ReduceOp::Sum)?;
@@ -394,8 +396,11 @@ impl RemoteReplay {
         if totals[2] > 0.0 {
             world.peer_died();
         }
+        if totals[3] > 0.0 {
+            world.peer_unresponsive();
+        }
         for client in std::iter::once(self.client).chain(self.observers) {
-            if client.lost().is_none() {
+            if client.lost().is_none() && !unresponsive {
                 let _ = client.shutdown(self.timeout);
             }
         }

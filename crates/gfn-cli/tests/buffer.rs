@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{assert_ok, bare_gfn, free_port, mpirun, scratch, summary, QUALITY_RUN};
+use common::{
+    assert_ok, bare_gfn, free_port, mpirun, scratch, signal_rank_mid_run, summary, GFN, QUALITY_RUN,
+};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -340,4 +342,39 @@ fn more_buffer_ranks_than_the_job_allows_is_an_error() {
         stderr.contains("--num-remote-buffers 1 leaves no training rank in a job of 1 rank(s)"),
         "{stderr}"
     );
+}
+
+/// A buffer rank stopped mid-run (not dead: its connections stay open) costs the trainers
+/// their replay, not the run: they finish on local replay, rank 0 writes the summary, and the
+/// job ends (status 124) instead of waiting for the stopped rank forever.
+#[test]
+fn a_stopped_buffer_rank_neither_hangs_the_trainers_nor_the_job() {
+    let out = scratch("buffer-stopped");
+    let mut job = std::process::Command::new("mpirun");
+    job.args(["--allow-run-as-root", "--oversubscribe", "-np", "3", GFN])
+        .args(["train", "--out", out.to_str().unwrap(), "--device", "cpu"])
+        .args(["--num-remote-buffers", "1", "--set", "ddp.timeout_s=5"])
+        .args([
+            "--set",
+            "train.steps=2000",
+            "--set",
+            "train.validate_every=0",
+        ])
+        .args([
+            "--set",
+            "train.checkpoint_every=100",
+            "--set",
+            "train.threads=1",
+        ])
+        .args(["--set", "env.dim=2", "--set", "model.hidden=32"])
+        .env("RUST_LOG", "warn");
+    let (output, _) = signal_rank_mid_run(job, &out, 2, "-STOP", Duration::from_secs(90));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(124), "{stderr}");
+    assert!(
+        stderr.contains("a buffer rank stopped answering"),
+        "{stderr}"
+    );
+    assert_eq!(summary(&out)["steps"], 2000);
+    let _ = std::fs::remove_dir_all(out);
 }

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    assert_ok, bare_gfn, free_port, mpirun, scratch, stopped_at, summary, GFN, QUALITY_RUN,
-    UNTIL_STOPPED,
+    assert_ok, bare_gfn, free_port, mpirun, scratch, signal_rank_mid_run, stopped_at, summary, GFN,
+    QUALITY_RUN, UNTIL_STOPPED,
 };
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -372,4 +372,37 @@ fn a_preempted_slurm_job_is_requeued_and_resumes_from_its_checkpoint() {
     );
     let _ = std::fs::remove_dir_all(out);
     let _ = std::fs::remove_file(log);
+}
+
+/// A rank that stops taking part after start-up (stopped, or killed under
+/// `mpirun --enable-recovery`, where Open MPI keeps the others running) ends the whole job
+/// within ddp.timeout_s and a few seconds, with the waiting rank naming what it waited for.
+#[test]
+fn a_stopped_or_killed_rank_ends_the_whole_job_within_the_timeout() {
+    for (options, signal) in [(&[][..], "-STOP"), (&["--enable-recovery"][..], "-9")] {
+        let out = scratch("deadline");
+        let mut job = Command::new("mpirun");
+        job.args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+            .args(options)
+            .arg(GFN)
+            .args(["train", "--out", out.to_str().unwrap(), "--device", "cpu"])
+            .args(UNTIL_STOPPED)
+            .args(["--set", "ddp.timeout_s=5"])
+            .env("RUST_LOG", "warn");
+        let (output, took) = signal_rank_mid_run(job, &out, 1, signal, Duration::from_secs(40));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("[rank 0]") && stderr.contains("did not complete within 5 s"),
+            "{signal}: {stderr}"
+        );
+        if signal == "-STOP" {
+            assert!(!output.status.success(), "{stderr}");
+            assert!(stderr.contains("rank 1 did not arrive"), "{stderr}");
+        }
+        assert!(
+            took < Duration::from_secs(20),
+            "{signal}: ended after {took:?}"
+        );
+        let _ = std::fs::remove_dir_all(out);
+    }
 }

@@ -1,6 +1,7 @@
 //! The communicator every backend implements: collectives over one flat f32 tensor, plus a
 //! barrier and a gather of small host values for metrics.
 
+use crate::watchdog::CollectiveDeadline;
 use crate::Result;
 use gfn_core::parallel::even_shares;
 use std::ops::Range;
@@ -137,5 +138,56 @@ impl Communicator for LocalCommunicator {
     }
     fn gather(&mut self, values: &[f64], _root: usize) -> Result<Option<Vec<f64>>> {
         Ok(Some(values.to_vec()))
+    }
+}
+
+/// Any communicator with a deadline on each of its collectives ([`CollectiveDeadline`]).
+pub struct WithDeadline {
+    inner: Box<dyn Communicator>,
+    deadline: CollectiveDeadline,
+}
+
+impl WithDeadline {
+    pub fn new(inner: Box<dyn Communicator>, deadline: CollectiveDeadline) -> Self {
+        WithDeadline { inner, deadline }
+    }
+}
+
+impl Communicator for WithDeadline {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn shards(&self) -> bool {
+        self.inner.shards()
+    }
+    fn all_reduce(&mut self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
+        let _running = self.deadline.enter(0);
+        self.inner.all_reduce(buffer, op)
+    }
+    fn broadcast(&mut self, buffer: &mut Tensor, root: usize) -> Result<()> {
+        let _running = self.deadline.enter(1);
+        self.inner.broadcast(buffer, root)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        let _running = self.deadline.enter(2);
+        self.inner.barrier()
+    }
+    fn gather(&mut self, values: &[f64], root: usize) -> Result<Option<Vec<f64>>> {
+        let _running = self.deadline.enter(3);
+        self.inner.gather(values, root)
+    }
+    fn reduce_scatter_sum(&mut self, buffer: &mut Tensor) -> Result<()> {
+        let _running = self.deadline.enter(4);
+        self.inner.reduce_scatter_sum(buffer)
+    }
+    fn all_gather_shares(&mut self, buffer: &mut Tensor) -> Result<()> {
+        let _running = self.deadline.enter(5);
+        self.inner.all_gather_shares(buffer)
     }
 }

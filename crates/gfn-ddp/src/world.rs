@@ -3,8 +3,9 @@
 //! training ranks' communicator. With `buffer_ranks = N` the last N ranks of the job serve a
 //! replay buffer and stay out of the training communicator.
 
-use crate::comm::{Communicator, LocalCommunicator};
+use crate::comm::{Communicator, LocalCommunicator, WithDeadline};
 use crate::launch_env::{Launcher, RankInfo};
+use crate::watchdog::CollectiveDeadline;
 use crate::{DdpError, Result};
 use std::time::Duration;
 use tch::Device;
@@ -115,6 +116,8 @@ pub struct World {
     pub device: Option<Device>,
     /// False once a rank of the job has died: MPI_Finalize would wait for it forever.
     finalize: bool,
+    /// A rank of the job stopped answering without dying ([`World::peer_unresponsive`]).
+    unresponsive_peer: bool,
     // Dropped last: MPI is finalised after the communicators built on it.
     #[cfg(feature = "mpi")]
     _mpi: Option<crate::backends::mpi::MpiWorld>,
@@ -144,6 +147,29 @@ impl World {
         self.finalize = false;
     }
 
+    /// Records that a rank of the job stopped answering without dying (e.g. a stopped
+    /// buffer rank): the launcher would wait for it forever, so the job must be ended
+    /// ([`World::end_job`]) once this rank's work is saved.
+    pub fn peer_unresponsive(&mut self) {
+        self.finalize = false;
+        self.unresponsive_peer = true;
+    }
+
+    pub fn has_unresponsive_peer(&self) -> bool {
+        self.unresponsive_peer
+    }
+
+    /// Ends every process of the job with `code` (MPI_Abort under MPI, which ends stopped
+    /// processes too; elsewhere this process exits and its launcher ends the rest).
+    pub fn end_job(&self, code: i32) -> ! {
+        #[cfg(feature = "mpi")]
+        if self._mpi.is_some() {
+            crate::backends::mpi::abort_job(code);
+        }
+        exit_now(code);
+        unreachable!("_exit returned")
+    }
+
     /// A single rank without any launcher.
     pub fn single() -> Self {
         World {
@@ -157,6 +183,7 @@ impl World {
             comm: Box::new(LocalCommunicator),
             device: None,
             finalize: true,
+            unresponsive_peer: false,
             #[cfg(feature = "mpi")]
             _mpi: None,
         }
@@ -270,6 +297,7 @@ impl World {
             comm: Box::new(LocalCommunicator),
             device: None,
             finalize: true,
+            unresponsive_peer: false,
             #[cfg(feature = "mpi")]
             _mpi: None,
         };
@@ -320,8 +348,24 @@ impl World {
         {
             world._mpi = mpi;
         }
+        if world.comm.world_size() > 1 {
+            let abort = match backend {
+                #[cfg(feature = "mpi")]
+                Backend::Mpi => crate::backends::mpi::abort_job,
+                _ => exit_now,
+            };
+            let deadline = CollectiveDeadline::start(world.rank(), timeout, abort);
+            let comm = std::mem::replace(&mut world.comm, Box::new(LocalCommunicator));
+            world.comm = Box::new(WithDeadline::new(comm, deadline));
+        }
         Ok(world)
     }
+}
+
+/// Ends this process at once (its launcher then ends the other ranks).
+fn exit_now(code: i32) {
+    // SAFETY: _exit ends the process without running anything else.
+    unsafe { libc::_exit(code) }
 }
 
 impl Drop for World {

@@ -120,3 +120,65 @@ pub fn stopped_at(stderr: &str) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no stop step in {stderr}"))
 }
+
+/// The pid of MPI rank `rank` among the `gfn` processes writing to `out`.
+pub fn mpi_rank_pid(out: &Path, rank: usize) -> Option<u32> {
+    let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+    let out = out.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let has = |bytes: &[u8], s: &str| bytes.split(|&b| b == 0).any(|p| p == s.as_bytes());
+            (has(&cmdline, out) && has(&environ, &wanted)).then_some(pid)
+        })
+}
+
+/// Runs `job` (an mpirun of `gfn train --out OUT ...`), sends `signal` to MPI rank `rank` once
+/// `OUT/checkpoint.pt` exists, and returns the job's output and how long it took to end after
+/// the signal (panics past `limit`).
+pub fn signal_rank_mid_run(
+    mut job: Command,
+    out: &Path,
+    rank: usize,
+    signal: &str,
+    limit: std::time::Duration,
+) -> (Output, std::time::Duration) {
+    use std::time::{Duration, Instant};
+    let child = job
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let pid = loop {
+        if out.join("checkpoint.pt").exists() {
+            if let Some(pid) = mpi_rank_pid(out, rank) {
+                break pid;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let signalled = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(output) => (output.unwrap(), signalled.elapsed()),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = Command::new("pkill")
+                .args(["-9", "-f", out.to_str().unwrap()])
+                .status();
+            panic!("the job still ran {limit:?} after {signal} to rank {rank}");
+        }
+    }
+}

@@ -184,6 +184,16 @@ fn all_gather_in_place(comm: &SimpleCommunicator, data: &mut [f32]) -> Result<()
     mpi_result("MPI_Allgatherv", code)
 }
 
+/// Ends every process of the MPI job (stopped ones too: the runtime kills them), from any
+/// thread.
+pub(crate) fn abort_job(code: i32) {
+    // SAFETY: MPI is initialised while a training communicator exists; MPI_Abort does not
+    // return.
+    unsafe {
+        ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, code);
+    }
+}
+
 pub(crate) fn mpi_result(what: &str, code: c_int) -> Result<()> {
     if code == ffi::MPI_SUCCESS as c_int {
         Ok(())
@@ -318,8 +328,12 @@ impl Communicator for MpiCommunicator {
         })
     }
 
+    /// Through a shared window where there is one (its waits name a missing rank).
     fn barrier(&mut self) -> Result<()> {
-        self.comm.barrier();
+        match self.windows.first_mut() {
+            Some(window) => window.barrier(),
+            None => self.comm.barrier(),
+        }
         Ok(())
     }
 

@@ -25,6 +25,7 @@
 //! order the slot writes against the other processes' reads exactly as between threads.
 
 use super::mpi::mpi_result;
+use crate::watchdog::WAITING_FOR_RANK;
 use crate::{DdpError, Result};
 use gfn_core::parallel::even_shares;
 use mpi::ffi;
@@ -178,11 +179,18 @@ impl SharedWindow {
                 )
             };
         }
+        self.arrive_and_wait();
+        parity
+    }
+
+    /// Announces this rank's arrival at the current epoch and waits for every other rank's.
+    fn arrive_and_wait(&self) {
         self.arrived(self.rank).store(self.epoch, Ordering::Release);
         for rank in 0..self.segments.len() {
+            // Named by the collective deadline if this wait never ends.
+            WAITING_FOR_RANK.store(rank as i64, Ordering::Relaxed);
             wait_until(self.arrived(rank), self.epoch);
         }
-        parity
     }
 
     /// What `rank` published in this epoch over `part`.
@@ -231,6 +239,12 @@ impl SharedWindow {
                 data[share.clone()].copy_from_slice(self.published(rank, parity, share));
             }
         }
+    }
+
+    /// Waits until every rank has arrived here: an epoch that publishes nothing.
+    pub fn barrier(&mut self) {
+        self.epoch += 1;
+        self.arrive_and_wait();
     }
 
     /// Sums `data` over the ranks, in place.
