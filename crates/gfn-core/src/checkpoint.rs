@@ -5,6 +5,7 @@
 //! the parameter layout) lets a resume refuse a different run; and non-finite parameters or
 //! moments are never written, so a diverged run cannot replace its last good checkpoint.
 
+use crate::params::all_finite;
 use crate::replay::ReplayBuffer;
 use crate::train::TrainState;
 use crate::{Error, Result};
@@ -25,7 +26,6 @@ struct Metadata {
     step: u64,
     trajectories: u64,
     optimizer_steps: u64,
-    n_params: usize,
     rng_seed: [u8; 32],
     rng_stream: u64,
     /// u128 as a decimal string (JSON numbers cannot hold it).
@@ -112,7 +112,6 @@ pub fn save(state: &TrainState, path: &Path, identity: &RunIdentity) -> Result<(
         step: state.step,
         trajectories: state.trajectories,
         optimizer_steps: state.optimizer.steps,
-        n_params: state.estimators.params.len(),
         rng_seed: state.rng.get_seed(),
         rng_stream: state.rng.get_stream(),
         rng_word_pos: state.rng.get_word_pos().to_string(),
@@ -153,22 +152,6 @@ fn layout(state: &TrainState) -> Vec<(String, Vec<i64>)> {
         .iter()
         .map(|s| (s.name.clone(), s.shape.clone()))
         .collect()
-}
-
-/// Whether every element of a float tensor is finite.
-pub fn all_finite(t: &Tensor) -> bool {
-    all_below(t, f32::INFINITY)
-}
-
-/// Whether every element of a float tensor has a magnitude below `limit` (NaN never has): a
-/// plain loop over CPU memory, one reduction elsewhere.
-pub fn all_below(t: &Tensor, limit: f32) -> bool {
-    if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
-        // SAFETY: a contiguous f32 CPU tensor of `numel` elements, borrowed for the loop.
-        let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
-        return values.iter().all(|x| x.abs() < limit);
-    }
-    t.numel() == 0 || t.abs().max().double_value(&[]) < limit as f64
 }
 
 /// CRC-32 over every tensor's name and bytes, in the order of their names (a loaded archive
@@ -235,15 +218,6 @@ pub fn load(
     let n = state.estimators.params.len();
     if let Some(reason) = layout_difference(&meta.layout, &layout(state)) {
         return Err(checkpoint_error(path, reason));
-    }
-    if meta.n_params != n {
-        return Err(checkpoint_error(
-            path,
-            format!(
-                "holds {} parameters, this configuration has {n}",
-                meta.n_params
-            ),
-        ));
     }
     let (params, exp_avg, exp_avg_sq) = (get("params")?, get("exp_avg")?, get("exp_avg_sq")?);
     for (name, t) in [

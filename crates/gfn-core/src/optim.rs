@@ -169,13 +169,13 @@ impl Adam {
         }
     }
 
-    /// The first and second moments, whose shares a sharded data-parallel update leaves stale
-    /// on the ranks that did not update them (see [`crate::train::GradientReducer`]).
     /// Updates taken so far (the count in Adam's bias correction).
     pub fn steps(&self) -> u64 {
         self.steps
     }
 
+    /// The first and second moments, whose shares a sharded data-parallel update leaves stale
+    /// on the ranks that did not update them (see [`crate::train::GradientReducer`]).
     pub fn moments_mut(&mut self) -> [&mut Tensor; 2] {
         [&mut self.exp_avg, &mut self.exp_avg_sq]
     }

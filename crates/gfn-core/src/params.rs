@@ -253,6 +253,22 @@ impl std::ops::Index<ParamId> for ParamViews {
     }
 }
 
+/// Whether every element of a float tensor is finite.
+pub fn all_finite(t: &Tensor) -> bool {
+    all_below(t, f32::INFINITY)
+}
+
+/// Whether every element of a float tensor has a magnitude below `limit` (NaN never has): a
+/// plain loop over CPU memory, one reduction elsewhere.
+pub fn all_below(t: &Tensor, limit: f32) -> bool {
+    if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
+        // SAFETY: a contiguous f32 CPU tensor of `numel` elements, borrowed for the loop.
+        let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
+        return values.iter().all(|x| x.abs() < limit);
+    }
+    t.numel() == 0 || t.abs().max().double_value(&[]) < limit as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

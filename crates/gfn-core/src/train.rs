@@ -2,13 +2,13 @@
 //! `update` = forward → loss → backward → gradient hook → optimizer step. The hook is where data
 //! parallelism all-reduces the flat gradient; a single rank passes [`NoReduction`].
 
-use crate::checkpoint::{all_below, all_finite};
 use crate::env::Environment;
 use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
 use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig, LossKind};
 use crate::metrics::{EvalContext, MetricSet, MetricsConfig, Values};
 use crate::optim::{Adam, OptimizerConfig, ReducedGradient};
 use crate::parallel::{resolve_threads, training_pool, with_intra_op_threads, ThreadPool};
+use crate::params::{all_below, all_finite};
 use crate::replay::{ReplayBuffer, ReplayPolicy};
 use crate::sampler::{
     sample_trajectories, sample_trajectories_parallel, EpsilonSchedule, Exploration,

@@ -1,7 +1,7 @@
 //! The communicator every backend implements: collectives over one flat f32 tensor, plus a
 //! barrier and a gather of small host values for metrics.
 
-use crate::watchdog::CollectiveDeadline;
+use crate::watchdog::{Collective, CollectiveDeadline};
 use crate::Result;
 use gfn_core::parallel::even_shares;
 use std::ops::Range;
@@ -167,27 +167,27 @@ impl Communicator for WithDeadline {
         self.inner.shards()
     }
     fn all_reduce(&mut self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
-        let _running = self.deadline.enter(0);
+        let _running = self.deadline.enter(Collective::AllReduce);
         self.inner.all_reduce(buffer, op)
     }
     fn broadcast(&mut self, buffer: &mut Tensor, root: usize) -> Result<()> {
-        let _running = self.deadline.enter(1);
+        let _running = self.deadline.enter(Collective::Broadcast);
         self.inner.broadcast(buffer, root)
     }
     fn barrier(&mut self) -> Result<()> {
-        let _running = self.deadline.enter(2);
+        let _running = self.deadline.enter(Collective::Barrier);
         self.inner.barrier()
     }
     fn gather(&mut self, values: &[f64], root: usize) -> Result<Option<Vec<f64>>> {
-        let _running = self.deadline.enter(3);
+        let _running = self.deadline.enter(Collective::Gather);
         self.inner.gather(values, root)
     }
     fn reduce_scatter_sum(&mut self, buffer: &mut Tensor) -> Result<()> {
-        let _running = self.deadline.enter(4);
+        let _running = self.deadline.enter(Collective::ReduceScatter);
         self.inner.reduce_scatter_sum(buffer)
     }
     fn all_gather_shares(&mut self, buffer: &mut Tensor) -> Result<()> {
-        let _running = self.deadline.enter(5);
+        let _running = self.deadline.enter(Collective::AllGather);
         self.inner.all_gather_shares(buffer)
     }
 }

@@ -64,19 +64,43 @@ pub struct CollectiveDeadline {
 struct DeadlineState {
     /// Milliseconds since `epoch` when the current collective began; 0: none running.
     entered_ms: AtomicU64,
+    /// The running collective, as `Collective as usize`.
     what: AtomicUsize,
     epoch: Instant,
 }
 
-/// Names of the collectives, indexed by `DeadlineState::what`.
-pub const COLLECTIVES: &[&str] = &[
-    "all_reduce",
-    "broadcast",
-    "barrier",
-    "gather",
-    "reduce_scatter",
-    "all_gather",
-];
+/// The collectives a deadline names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collective {
+    AllReduce,
+    Broadcast,
+    Barrier,
+    Gather,
+    ReduceScatter,
+    AllGather,
+}
+
+impl Collective {
+    const ALL: [Collective; 6] = [
+        Collective::AllReduce,
+        Collective::Broadcast,
+        Collective::Barrier,
+        Collective::Gather,
+        Collective::ReduceScatter,
+        Collective::AllGather,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Collective::AllReduce => "all_reduce",
+            Collective::Broadcast => "broadcast",
+            Collective::Barrier => "barrier",
+            Collective::Gather => "gather",
+            Collective::ReduceScatter => "reduce_scatter",
+            Collective::AllGather => "all_gather",
+        }
+    }
+}
 
 /// Marks a collective as running until dropped.
 pub struct InCollective<'a>(&'a DeadlineState);
@@ -107,7 +131,7 @@ impl CollectiveDeadline {
                 let entered = state.entered_ms.load(Ordering::Acquire);
                 let now = state.epoch.elapsed().as_millis() as u64;
                 if entered != 0 && now.saturating_sub(entered) > timeout.as_millis() as u64 {
-                    let what = COLLECTIVES[state.what.load(Ordering::Acquire)];
+                    let what = Collective::ALL[state.what.load(Ordering::Acquire)].name();
                     let missing = match WAITING_FOR_RANK.load(Ordering::Acquire) {
                         r if r >= 0 => format!("rank {r} did not arrive"),
                         _ => "a peer rank did not arrive".into(),
@@ -124,11 +148,11 @@ impl CollectiveDeadline {
         CollectiveDeadline { shared }
     }
 
-    /// Starts the clock on collective `what` (an index into [`COLLECTIVES`]).
-    pub fn enter(&self, what: usize) -> InCollective<'_> {
+    /// Starts the clock on `what`.
+    pub fn enter(&self, what: Collective) -> InCollective<'_> {
         // +1: 0 means "none running", and the first collective may begin in the first ms.
         let now = self.shared.epoch.elapsed().as_millis() as u64 + 1;
-        self.shared.what.store(what, Ordering::Release);
+        self.shared.what.store(what as usize, Ordering::Release);
         self.shared.entered_ms.store(now, Ordering::Release);
         InCollective(&self.shared)
     }

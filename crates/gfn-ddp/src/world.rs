@@ -5,7 +5,7 @@
 
 use crate::comm::{Communicator, LocalCommunicator, WithDeadline};
 use crate::launch_env::{Launcher, RankInfo};
-use crate::watchdog::CollectiveDeadline;
+use crate::watchdog::{Abort, CollectiveDeadline};
 use crate::{DdpError, Result};
 use std::time::Duration;
 use tch::Device;
@@ -162,12 +162,18 @@ impl World {
     /// Ends every process of the job with `code` (MPI_Abort under MPI, which ends stopped
     /// processes too; elsewhere this process exits and its launcher ends the rest).
     pub fn end_job(&self, code: i32) -> ! {
+        self.abort()(code);
+        unreachable!("ending the job returned")
+    }
+
+    /// How to end the whole job: MPI_Abort wherever MPI is running (whatever carries the
+    /// gradients), else exiting.
+    fn abort(&self) -> Abort {
         #[cfg(feature = "mpi")]
         if self._mpi.is_some() {
-            crate::backends::mpi::abort_job(code);
+            return crate::backends::mpi::abort_job;
         }
-        exit_now(code);
-        unreachable!("_exit returned")
+        exit_now
     }
 
     /// A single rank without any launcher.
@@ -349,12 +355,7 @@ impl World {
             world._mpi = mpi;
         }
         if world.comm.world_size() > 1 {
-            let abort = match backend {
-                #[cfg(feature = "mpi")]
-                Backend::Mpi => crate::backends::mpi::abort_job,
-                _ => exit_now,
-            };
-            let deadline = CollectiveDeadline::start(world.rank(), timeout, abort);
+            let deadline = CollectiveDeadline::start(world.rank(), timeout, world.abort());
             let comm = std::mem::replace(&mut world.comm, Box::new(LocalCommunicator));
             world.comm = Box::new(WithDeadline::new(comm, deadline));
         }
