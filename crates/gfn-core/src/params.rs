@@ -259,12 +259,16 @@ pub fn all_finite(t: &Tensor) -> bool {
 }
 
 /// Whether every element of a float tensor has a magnitude below `limit` (NaN never has): a
-/// plain loop over CPU memory, one reduction elsewhere.
+/// loop over CPU memory, one reduction elsewhere. It runs on every update (gradient and
+/// parameters), so each chunk is folded without an early exit, which the compiler vectorises.
 pub fn all_below(t: &Tensor, limit: f32) -> bool {
+    const CHUNK: usize = 4096;
     if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
         // SAFETY: a contiguous f32 CPU tensor of `numel` elements, borrowed for the loop.
         let values = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
-        return values.iter().all(|x| x.abs() < limit);
+        return values
+            .chunks(CHUNK)
+            .all(|chunk| chunk.iter().fold(true, |ok, x| ok & (x.abs() < limit)));
     }
     t.numel() == 0 || t.abs().max().double_value(&[]) < limit as f64
 }
@@ -279,6 +283,28 @@ mod tests {
         let loss = (&p[ParamId(0)] * Tensor::from_slice(&c)).sum(Kind::Float)
             + (&p[ParamId(1)] * &p[ParamId(1)]).sum(Kind::Float) * d as f64;
         loss.backward();
+    }
+
+    #[test]
+    fn all_below_finds_one_bad_element_anywhere_in_either_path() {
+        let mut values = vec![0.5f32; 10_000];
+        let host = |v: &[f32]| Tensor::from_slice(v);
+        assert!(all_below(&host(&values), 1.0));
+        for (at, bad) in [
+            (0, f32::NAN),
+            (4096, 1.0),
+            (9_999, f32::NEG_INFINITY),
+            (5_000, -2.0),
+        ] {
+            values[at] = bad;
+            assert!(!all_below(&host(&values), 1.0), "{bad} at {at}");
+            // A strided view takes the tensor-op path.
+            let strided = host(&values).view([100, 100]).transpose(0, 1);
+            assert!(!all_below(&strided, 1.0), "{bad} at {at}, strided");
+            values[at] = 0.5;
+        }
+        assert!(all_finite(&host(&[f32::MAX, -f32::MAX])));
+        assert!(!all_finite(&host(&[0.0, f32::INFINITY])));
     }
 
     #[test]
