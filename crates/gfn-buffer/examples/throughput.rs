@@ -50,6 +50,7 @@ fn measure(clients: usize, seconds: f64, batch: usize) -> Row {
         trainers: (0..clients as u32).collect(),
         idle_timeout: Duration::from_secs(30),
         hello_timeout: Duration::from_secs(5),
+        snapshots: None,
     };
     let serving = std::thread::spawn(move || server.serve(config).unwrap());
     let workers: Vec<_> = (0..clients)

@@ -4,8 +4,8 @@
 //! server that goes away is recorded once in `lost()` and never waited on.
 
 use crate::protocol::{
-    codec, decode, encode, Hello, Item, Reply, Request, Role, ServerStats, Token, FRAME_LIMIT,
-    HELLO_FRAME_LIMIT, MAX_SAMPLE, PROTOCOL_VERSION,
+    codec, decode, encode, Hello, Item, Reply, Request, Role, ServerStats, SnapshotOutcome, Token,
+    FRAME_LIMIT, HELLO_FRAME_LIMIT, MAX_SAMPLE, PROTOCOL_VERSION,
 };
 use crate::{BufferError, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -38,6 +38,8 @@ enum Command {
     /// Statistics whose reply also confirms every earlier push has been stored.
     Stats(std_mpsc::SyncSender<ServerStats>),
     Shutdown(std_mpsc::SyncSender<ServerStats>),
+    /// `Save` or `Restore`, answered with the server's outcome.
+    Snapshot(Request, std_mpsc::SyncSender<SnapshotOutcome>),
 }
 
 #[derive(Default)]
@@ -50,6 +52,16 @@ struct Shared {
     lost: Mutex<Option<String>>,
     dropped_pushes: AtomicU64,
     received_items: AtomicU64,
+}
+
+/// Reads a client's latest statistics where the client itself is borrowed elsewhere.
+#[derive(Clone)]
+pub struct StatsView(Arc<Shared>);
+
+impl StatsView {
+    pub fn latest(&self) -> Option<ServerStats> {
+        self.0.latest_stats.lock().unwrap().clone()
+    }
 }
 
 pub struct Client {
@@ -192,11 +204,42 @@ impl Client {
         self.shared.latest_stats.lock().unwrap().clone()
     }
 
+    /// A handle that reads [`Client::latest_stats`] without the client.
+    pub fn stats_view(&self) -> StatsView {
+        StatsView(Arc::clone(&self.shared))
+    }
+
     /// Waits (at most `timeout`) until the server has stored every earlier push; returns its
     /// statistics at that point.
     pub fn sync(&self, timeout: Duration) -> Result<ServerStats> {
         let (tx, rx) = std_mpsc::sync_channel(1);
         self.request(Command::Stats(tx), rx, timeout, "statistics")
+    }
+
+    /// Has the server write its snapshot of `step`, after every earlier push; returns the
+    /// items written.
+    pub fn save(&self, step: u64, timeout: Duration) -> Result<u64> {
+        Ok(self
+            .snapshot(Request::Save { step }, timeout, "snapshot")?
+            .unwrap_or(0))
+    }
+
+    /// Has the server replace its store with its snapshot of `step`; returns the items
+    /// restored, or `None` where it has no snapshot of `step`.
+    pub fn restore(&self, step: u64, timeout: Duration) -> Result<Option<u64>> {
+        self.snapshot(Request::Restore { step }, timeout, "restore")
+    }
+
+    fn snapshot(&self, request: Request, timeout: Duration, what: &str) -> Result<Option<u64>> {
+        let (tx, rx) = std_mpsc::sync_channel(1);
+        match self.request(Command::Snapshot(request, tx), rx, timeout, what)? {
+            SnapshotOutcome::Done { items } => Ok(Some(items)),
+            SnapshotOutcome::Missing => Ok(None),
+            SnapshotOutcome::Failed { reason } => Err(BufferError::Connection {
+                addr: self.addr.clone(),
+                reason,
+            }),
+        }
     }
 
     /// Ends the session: the server replies with its statistics.
@@ -224,13 +267,13 @@ impl Client {
         }
     }
 
-    fn request(
+    fn request<T>(
         &self,
         command: Command,
-        rx: std_mpsc::Receiver<ServerStats>,
+        rx: std_mpsc::Receiver<T>,
         timeout: Duration,
         what: &str,
-    ) -> Result<ServerStats> {
+    ) -> Result<T> {
         let fail = |reason: String| BufferError::Connection {
             addr: self.addr.clone(),
             reason,
@@ -239,6 +282,15 @@ impl Client {
             return Err(fail(reason));
         }
         let deadline = std::time::Instant::now() + timeout;
+        let no_reply = || {
+            self.lost()
+                .map(fail)
+                .unwrap_or_else(|| BufferError::NoReply {
+                    addr: self.addr.clone(),
+                    what: what.to_string(),
+                    seconds: timeout.as_secs_f64(),
+                })
+        };
         let mut command = Some(command);
         // The queue may be full of pushes: wait for room, within the deadline.
         while let Some(c) = command.take() {
@@ -248,22 +300,11 @@ impl Client {
                     command = Some(c);
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err(_) => {
-                    return Err(fail(
-                        self.lost()
-                            .unwrap_or_else(|| format!("could not queue the {what} request")),
-                    ))
-                }
+                Err(_) => return Err(no_reply()),
             }
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        rx.recv_timeout(left).map_err(|_| {
-            fail(
-                self.lost().unwrap_or_else(|| {
-                    format!("no {what} reply within {} s", timeout.as_secs_f64())
-                }),
-            )
-        })
+        rx.recv_timeout(left).map_err(|_| no_reply())
     }
 }
 
@@ -323,6 +364,7 @@ async fn run(
     // Who waits for each statistics reply, in request order (`None`: a background poll).
     let mut stats_waiters: VecDeque<Option<std_mpsc::SyncSender<ServerStats>>> = VecDeque::new();
     let mut bye: Option<std_mpsc::SyncSender<ServerStats>> = None;
+    let mut snapshot_waiters: VecDeque<std_mpsc::SyncSender<SnapshotOutcome>> = VecDeque::new();
     let mut sample_in_flight = false;
     // After an empty sample (the buffer is still empty) ask again only after a pause.
     let mut next_sample = tokio::time::Instant::now();
@@ -360,6 +402,10 @@ async fn run(
                         bye = Some(tx);
                         Request::Shutdown
                     }
+                    Some(Command::Snapshot(request, tx)) => {
+                        snapshot_waiters.push_back(tx);
+                        request
+                    }
                 };
                 if let Err(e) = framed.feed(encode(&request)).await {
                     return Some(format!("sending to the server: {e}"));
@@ -393,6 +439,11 @@ async fn run(
                             let _ = tx.try_send(stats);
                         }
                         return None;
+                    }
+                    Ok(Reply::Snapshot { outcome, .. }) => {
+                        if let Some(tx) = snapshot_waiters.pop_front() {
+                            let _ = tx.try_send(outcome);
+                        }
                     }
                     Ok(Reply::Error { reason }) => return Some(format!("the server reported: {reason}")),
                     Ok(Reply::Welcome { .. }) => return Some("unexpected second welcome".into()),

@@ -12,6 +12,16 @@ pub enum BufferError {
         value: String,
         reason: String,
     },
+    /// A request the server did not answer in time, with the connection still open (a
+    /// server that is stopped or stuck).
+    #[error("replay-buffer server at {addr}: no {what} reply within {seconds} s")]
+    NoReply {
+        addr: String,
+        what: String,
+        seconds: f64,
+    },
+    #[error("replay-buffer snapshot {path}: {reason}")]
+    Snapshot { path: String, reason: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -54,6 +54,6 @@ fn handle(frame: &[u8]) {
         Request::Sample { n } => {
             let _ = store.sample(n.min(MAX_SAMPLE) as usize, &mut rng);
         }
-        Request::Stats | Request::Shutdown => {}
+        Request::Stats | Request::Shutdown | Request::Save { .. } | Request::Restore { .. } => {}
     }
 }

@@ -11,7 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame accepted before the hello is accepted (a hello is about 50 bytes).
 pub const HELLO_FRAME_LIMIT: usize = 256;
 /// Largest frame accepted from an authenticated peer.
@@ -130,6 +130,11 @@ pub enum Request {
     Stats,
     /// The training rank is done; the server replies `Bye` and closes.
     Shutdown,
+    /// Write the store to this buffer rank's snapshot file of `step` (a checkpoint of the run).
+    /// Replies `Snapshot`; like `Stats`, it follows every earlier push of this connection.
+    Save { step: u64 },
+    /// Replace the store with the snapshot of `step` (a resumed run). Replies `Snapshot`.
+    Restore { step: u64 },
 }
 
 /// Statistics of one server. Rates are averages since it started.
@@ -174,6 +179,24 @@ pub enum Reply {
     },
     /// Final statistics, answering `Shutdown`.
     Bye(ServerStats),
+    /// Answers `Save` or `Restore` (the connection stays open whatever the outcome).
+    Snapshot {
+        step: u64,
+        outcome: SnapshotOutcome,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SnapshotOutcome {
+    /// Items written or restored.
+    Done {
+        items: u64,
+    },
+    /// `Restore`: the buffer rank has no snapshot of that step; its store is left as it was.
+    Missing,
+    Failed {
+        reason: String,
+    },
 }
 
 pub fn encode<T: Serialize>(message: &T) -> Bytes {
@@ -234,6 +257,20 @@ mod tests {
             items: vec![item.clone(); 3],
         };
         assert_eq!(decode::<Request>(&encode(&request)).unwrap(), request);
+        for reply in [
+            Reply::Snapshot {
+                step: 9,
+                outcome: SnapshotOutcome::Done { items: 4 },
+            },
+            Reply::Snapshot {
+                step: 9,
+                outcome: SnapshotOutcome::Failed {
+                    reason: "disk full".into(),
+                },
+            },
+        ] {
+            assert_eq!(decode::<Reply>(&encode(&reply)).unwrap(), reply);
+        }
         assert_eq!(decode_hello(&encode(&hello())).unwrap(), hello());
         assert!(encode(&hello()).len() < HELLO_FRAME_LIMIT);
         assert_eq!(item.validate(2), Ok(()));

@@ -3,9 +3,10 @@
 //! it has ended its session (cleanly or by disconnecting), or after a spell with none connected.
 
 use crate::protocol::{
-    self, codec, decode, decode_hello, encode, Item, Reply, Request, Role, ServerStats, Token,
-    FRAME_LIMIT, HELLO_FRAME_LIMIT, MAX_SAMPLE,
+    self, codec, decode, decode_hello, encode, Item, Reply, Request, Role, ServerStats,
+    SnapshotOutcome, Token, FRAME_LIMIT, HELLO_FRAME_LIMIT, MAX_SAMPLE,
 };
+use crate::snapshot::SnapshotFiles;
 use crate::store::{Store, StoreConfig};
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
@@ -29,6 +30,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// How long a new connection may take to send its hello.
     pub hello_timeout: Duration,
+    /// Where `Save` and `Restore` requests write and read; `None`: they are refused.
+    pub snapshots: Option<SnapshotFiles>,
 }
 
 /// What a server saw over its life.
@@ -43,6 +46,44 @@ pub struct ServeReport {
     pub refused: usize,
     /// The server stopped waiting because no training rank was connected for `idle_timeout`.
     pub idle_exit: bool,
+    /// Failed accepts (e.g. out of file descriptors), and how many log lines reported them.
+    pub accept_errors: u64,
+    pub accept_errors_logged: u64,
+}
+
+/// How long the server waits after a failed accept before accepting again.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+/// At most one log line about failed accepts per this long.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Failed accepts, logged at most once per [`ACCEPT_LOG_EVERY`] with the count since.
+#[derive(Default)]
+struct AcceptErrors {
+    count: u64,
+    logged: u64,
+    unlogged: u64,
+    last_logged: Option<Instant>,
+}
+
+impl AcceptErrors {
+    fn record(&mut self, error: &std::io::Error) {
+        self.count += 1;
+        self.unlogged += 1;
+        if self
+            .last_logged
+            .is_some_and(|t| t.elapsed() < ACCEPT_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            "replay-buffer server: accept failed: {error} ({} failure(s) since the last report; reported at most every {} s)",
+            self.unlogged,
+            ACCEPT_LOG_EVERY.as_secs()
+        );
+        self.logged += 1;
+        self.unlogged = 0;
+        self.last_logged = Some(Instant::now());
+    }
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +113,53 @@ impl Shared {
         store
             .0
             .stats(self.started.elapsed().as_secs_f64(), trainers)
+    }
+}
+
+impl Shared {
+    fn snapshot_files(&self) -> Result<&SnapshotFiles, SnapshotOutcome> {
+        self.config
+            .snapshots
+            .as_ref()
+            .ok_or_else(|| failed("this buffer rank keeps no snapshots"))
+    }
+
+    /// Writes the store's snapshot of `step`.
+    fn save(&self, step: u64) -> SnapshotOutcome {
+        let files = match self.snapshot_files() {
+            Ok(files) => files,
+            Err(outcome) => return outcome,
+        };
+        let snapshot = self.store.lock().unwrap().0.snapshot();
+        match files.save(step, &snapshot) {
+            Ok(_) => SnapshotOutcome::Done {
+                items: snapshot.items.len() as u64,
+            },
+            Err(e) => failed(&e.to_string()),
+        }
+    }
+
+    /// Replaces the store with its snapshot of `step`.
+    fn restore(&self, step: u64) -> SnapshotOutcome {
+        let files = match self.snapshot_files() {
+            Ok(files) => files,
+            Err(outcome) => return outcome,
+        };
+        let snapshot = match files.load(step) {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => return SnapshotOutcome::Missing,
+            Err(e) => return failed(&e.to_string()),
+        };
+        let restored = Store::restore(self.config.store.clone(), snapshot);
+        let items = restored.len() as u64;
+        self.store.lock().unwrap().0 = restored;
+        SnapshotOutcome::Done { items }
+    }
+}
+
+fn failed(reason: &str) -> SnapshotOutcome {
+    SnapshotOutcome::Failed {
+        reason: reason.to_string(),
     }
 }
 
@@ -117,6 +205,7 @@ impl Server {
         });
         let mut idle_since = Instant::now();
         let mut idle_exit = false;
+        let mut accept_errors = AcceptErrors::default();
         loop {
             let (open, done) = {
                 let s = shared.sessions.lock().unwrap();
@@ -136,7 +225,11 @@ impl Server {
                     Ok((stream, peer)) => {
                         tokio::spawn(connection(stream, peer, Arc::clone(&shared)));
                     }
-                    Err(e) => tracing::warn!("replay-buffer server: accept failed: {e}"),
+                    Err(e) => {
+                        accept_errors.record(&e);
+                        // Out of descriptors, accept fails at once: pause rather than spin.
+                        tokio::time::sleep(ACCEPT_PAUSE).await;
+                    }
                 },
                 _ = shared.changed.notified() => {}
                 _ = tokio::time::sleep_until(idle_deadline), if open == 0 => {
@@ -157,6 +250,8 @@ impl Server {
             trainers_lost: s.lost,
             refused: s.refused,
             idle_exit,
+            accept_errors: accept_errors.count,
+            accept_errors_logged: accept_errors.logged,
         })
     }
 }
@@ -291,6 +386,14 @@ async fn session(framed: &mut Connection, shared: &Shared, state_dim: usize) -> 
                 encode(&Reply::Samples { items })
             }
             Request::Stats => encode(&Reply::Stats(shared.stats())),
+            Request::Save { step } => encode(&Reply::Snapshot {
+                step,
+                outcome: shared.save(step),
+            }),
+            Request::Restore { step } => encode(&Reply::Snapshot {
+                step,
+                outcome: shared.restore(step),
+            }),
             Request::Shutdown => {
                 let _ = framed.send(encode(&Reply::Bye(shared.stats()))).await;
                 return Ended::Shutdown;

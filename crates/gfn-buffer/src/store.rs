@@ -101,6 +101,18 @@ impl SumTree {
     }
 }
 
+/// A store's contents as a snapshot file keeps them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreSnapshot {
+    /// Oldest first.
+    pub items: Vec<Item>,
+    pub received: u64,
+    pub duplicates: u64,
+    pub sampled: u64,
+    /// Ids of the modes found so far, sorted.
+    pub modes: Vec<u64>,
+}
+
 #[derive(Debug)]
 pub struct Store {
     config: StoreConfig,
@@ -206,6 +218,46 @@ impl Store {
         };
         self.sampled += picks.len() as u64;
         picks.into_iter().map(|i| self.items[i].clone()).collect()
+    }
+
+    /// Everything the store holds, oldest item first, for a snapshot file.
+    pub fn snapshot(&self) -> StoreSnapshot {
+        let split = if self.items.len() < self.config.capacity {
+            0
+        } else {
+            self.next
+        };
+        let mut modes: Vec<u64> = self.modes.iter().copied().collect();
+        modes.sort_unstable();
+        StoreSnapshot {
+            items: self.items[split..]
+                .iter()
+                .chain(&self.items[..split])
+                .cloned()
+                .collect(),
+            received: self.received,
+            duplicates: self.duplicates,
+            sampled: self.sampled,
+            modes,
+        }
+    }
+
+    /// A store under `config` holding what `snapshot` held (its newest `capacity` items when
+    /// the capacity is now smaller), with its counters.
+    pub fn restore(config: StoreConfig, snapshot: StoreSnapshot) -> Self {
+        let mut store = Store::new(config);
+        let keep = snapshot.items.len().min(store.config.capacity);
+        let skip = snapshot.items.len() - keep;
+        snapshot
+            .items
+            .into_iter()
+            .skip(skip)
+            .for_each(|item| store.push(item));
+        store.received = snapshot.received;
+        store.duplicates = snapshot.duplicates;
+        store.sampled = snapshot.sampled;
+        store.modes = snapshot.modes.into_iter().collect();
+        store
     }
 
     pub fn stats(&self, uptime_s: f64, trainers: u32) -> ServerStats {
@@ -351,6 +403,31 @@ mod tests {
         // Key 0 was evicted: the stored rewards are 1/50 ..= 100/50 and 2.0 again.
         assert_eq!(stats.log_reward_percentiles[50], 51.0 / 50.0);
         assert_eq!(stats.pushes_per_s, 51.0);
+    }
+
+    #[test]
+    fn a_restored_store_holds_the_same_items_in_the_same_order_of_eviction() {
+        for policy in [Policy::Fifo, Policy::Prioritized, Policy::Unique] {
+            let mut s = store(4, policy);
+            // 6 pushes into 4 slots: the ring has wrapped, keys 2..=5 remain, 2 the oldest.
+            (0..6).for_each(|k| s.push(item(k, k as f32 / 2.0)));
+            let snapshot = s.snapshot();
+            let keys: Vec<u64> = snapshot.items.iter().map(|i| i.key).collect();
+            assert_eq!(keys, vec![2, 3, 4, 5], "{policy:?}");
+            let mut restored = Store::restore(s.config.clone(), snapshot.clone());
+            assert_eq!(restored.snapshot(), snapshot, "{policy:?}");
+            assert_eq!(restored.stats(1.0, 0), s.stats(1.0, 0), "{policy:?}");
+            // The next push evicts the same (oldest) item in both.
+            s.push(item(9, 0.0));
+            restored.push(item(9, 0.0));
+            assert_eq!(restored.snapshot(), s.snapshot(), "{policy:?}");
+        }
+        // Restored into a smaller store: the newest items stay.
+        let mut s = store(4, Policy::Fifo);
+        (0..4).for_each(|k| s.push(item(k, 0.0)));
+        let smaller = Store::restore(store(2, Policy::Fifo).config, s.snapshot());
+        let keys: Vec<u64> = smaller.snapshot().items.iter().map(|i| i.key).collect();
+        assert_eq!(keys, vec![2, 3]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use gfn_buffer::protocol::{
     encode, Hello, Item, Reply, Request, Role, Token, FRAME_LIMIT, PROTOCOL_VERSION,
 };
 use gfn_buffer::server::{ServeReport, Server, ServerConfig};
+use gfn_buffer::snapshot::SnapshotFiles;
 use gfn_buffer::store::{Policy, StoreConfig};
 use gfn_buffer::BufferError;
 use rand::{Rng, SeedableRng};
@@ -26,6 +27,15 @@ fn start_with(
     policy: Policy,
     idle_timeout: Duration,
 ) -> (SocketAddr, JoinHandle<ServeReport>) {
+    start_in(trainers, policy, idle_timeout, None)
+}
+
+fn start_in(
+    trainers: u32,
+    policy: Policy,
+    idle_timeout: Duration,
+    snapshots: Option<SnapshotFiles>,
+) -> (SocketAddr, JoinHandle<ServeReport>) {
     let server = Server::bind("127.0.0.1:0").unwrap();
     let addr = server.local_addr().unwrap();
     let config = ServerConfig {
@@ -45,6 +55,7 @@ fn start_with(
         trainers: (0..trainers).collect(),
         idle_timeout,
         hello_timeout: Duration::from_secs(2),
+        snapshots,
     };
     (
         addr,
@@ -123,6 +134,60 @@ fn pushes_are_stored_sampled_and_counted_then_the_server_exits() {
     assert_eq!((report.trainers_finished, report.trainers_lost), (2, 0));
     assert_eq!(report.stats.received, 13);
     assert!(!report.idle_exit);
+}
+
+#[test]
+fn a_saved_store_is_restored_by_a_new_server_with_its_counts() {
+    let dir = std::env::temp_dir().join(format!("gfn-buffer-snapshots-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = SnapshotFiles {
+        dir: dir.clone(),
+        rank: 1,
+    };
+    let timeout = Duration::from_secs(5);
+    let idle = Duration::from_secs(30);
+    let (addr, server) = start_in(1, Policy::Fifo, idle, Some(files.clone()));
+    let c = client(addr, 0).unwrap();
+    c.push((0..30).map(|k| item(k, k as f32 / 10.0)).collect());
+    // The save follows the push on the connection, so it holds all 30 items.
+    assert_eq!(c.save(7, timeout).unwrap(), 30);
+    let before = c.sync(timeout).unwrap();
+    c.shutdown(timeout).unwrap();
+    server.join().unwrap();
+
+    let (addr, server) = start_in(1, Policy::Fifo, idle, Some(files));
+    let c = client(addr, 0).unwrap();
+    assert_eq!(
+        c.restore(8, timeout).unwrap(),
+        None,
+        "no snapshot of step 8"
+    );
+    assert_eq!(c.sync(timeout).unwrap().size, 0);
+    assert_eq!(c.restore(7, timeout).unwrap(), Some(30));
+    let after = c.sync(timeout).unwrap();
+    for (what, a, b) in [
+        ("size", after.size, before.size),
+        ("received", after.received, before.received),
+        ("modes", after.modes_found, before.modes_found),
+    ] {
+        assert_eq!(a, b, "{what}");
+    }
+    assert_eq!(after.log_reward_percentiles, before.log_reward_percentiles);
+    let drawn = take_until(&c, 20);
+    assert!(drawn.iter().all(|i| i == &item(i.key, i.key as f32 / 10.0)));
+    c.shutdown(timeout).unwrap();
+    server.join().unwrap();
+
+    // A server without a snapshot directory refuses, and the connection stays usable.
+    let (addr, server) = start(1, Policy::Fifo);
+    let c = client(addr, 0).unwrap();
+    let err = c.save(1, timeout).unwrap_err().to_string();
+    assert!(err.contains("keeps no snapshots"), "{err}");
+    assert_eq!(c.sync(timeout).unwrap().size, 0);
+    c.shutdown(timeout).unwrap();
+    server.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

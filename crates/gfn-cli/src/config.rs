@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use gfn_buffer::store::Policy as BufferPolicy;
+use gfn_core::bounds;
 use gfn_core::env::EnvConfig;
 use gfn_core::estimators::{Architecture, BackwardPolicy, TransformerConfig};
 use gfn_core::losses::{LossConfig, LossKind, SubTbWeighting};
@@ -11,6 +12,7 @@ use gfn_core::optim::{OptimizerConfig, OptimizerKind};
 use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
 use gfn_core::train::{ReplayConfig, TrainConfig};
+use gfn_ddp::launch_env::RankInfo;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
@@ -70,6 +72,24 @@ impl Default for BufferSection {
 /// Local replay kept by each trainer while remote buffers are in use, to fall back on if its
 /// buffer rank is lost (unless `replay.capacity` sets it).
 pub const FALLBACK_REPLAY_CAPACITY: usize = 10_000;
+
+/// Longest deadline accepted (a week), so that deadlines stay representable.
+pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
+/// Bytes a buffer rank holds per stored item besides its states and actions.
+const BUFFER_ITEM_OVERHEAD: u64 = 96;
+
+/// Ranks that the launcher runs on this host (every rank when it does not say; 1 alone).
+pub fn ranks_on_this_host() -> usize {
+    RankInfo::from_env()
+        .ok()
+        .map_or(1, |info| info.local_world_size.unwrap_or(info.world_size))
+}
+
+/// This rank's share of the memory available on its host.
+fn memory_per_rank() -> Option<u64> {
+    bounds::available_memory().map(|m| m / ranks_on_this_host().max(1) as u64)
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -409,9 +429,44 @@ impl Config {
             exact_samples: self.train.eval_samples,
             metrics: self.metrics.clone(),
             max_nonfinite_steps: self.train.max_nonfinite_steps,
+            memory_budget: memory_per_rank(),
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Everything that can be refused before the ranks join (so that every rank, buffer
+    /// ranks included, stops at once with the same message): the training settings, what they
+    /// ask of this machine's memory and threads, the buffer ranks' size and the deadlines.
+    pub fn check_job(&self) -> Result<()> {
+        let train = self.train_config()?;
+        let env = self.env.build()?;
+        train.check_resources(env.as_ref(), self.device()?)?;
+        if !(1..=MAX_TIMEOUT_S).contains(&self.ddp.timeout_s) {
+            bail!(
+                "invalid ddp.timeout_s = {}: must be in 1..={MAX_TIMEOUT_S} (seconds)",
+                self.ddp.timeout_s
+            );
+        }
+        if self.buffer.num_remote > 0 {
+            if self.buffer.capacity == 0 {
+                bail!("invalid buffer.capacity = 0: a buffer rank must hold at least 1 trajectory");
+            }
+            let item = bounds::product(&[
+                env.max_trajectory_length() as u64,
+                8 * env.state_dim() as u64 + 4,
+            ]) + BUFFER_ITEM_OVERHEAD;
+            let demand = bounds::Demand::new(
+                "buffer.capacity",
+                self.buffer.capacity,
+                "a buffer rank's store",
+                bounds::product(&[self.buffer.capacity as u64, item]),
+            );
+            if let Some(available) = memory_per_rank() {
+                bounds::check_memory(&[demand], available)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> Result<Device> {

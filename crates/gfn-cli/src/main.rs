@@ -200,8 +200,12 @@ fn train(args: TrainArgs) -> Result<()> {
         }
     };
     config.train.threads = run::threads_per_rank(config.train.threads);
+    config.check_job()?;
     let backend = config.backend()?;
-    let mut announcer = remote::Announcer { server: None };
+    let mut announcer = remote::Announcer {
+        server: None,
+        out: out.clone(),
+    };
     let options = JoinOptions {
         backend,
         timeout: Duration::from_secs(config.ddp.timeout_s),

@@ -5,11 +5,14 @@
 
 use crate::config::Config;
 use anyhow::{anyhow, bail, Context, Result};
-use gfn_buffer::client::{Client, ClientConfig};
+use gfn_buffer::client::{Client, ClientConfig, StatsView};
 use gfn_buffer::protocol::{Item, Role, ServerStats, Token};
 use gfn_buffer::server::{Server, ServerConfig};
+use gfn_buffer::snapshot::SnapshotFiles;
 use gfn_buffer::store::{ModeIds, StoreConfig};
+use gfn_buffer::BufferError;
 use gfn_core::env::Environment;
+use gfn_core::fit::BatchSource;
 use gfn_core::metrics::modes::state_hash;
 use gfn_core::train::TrainState;
 use gfn_core::trajectories::Trajectories;
@@ -17,6 +20,7 @@ use gfn_ddp::comm::ReduceOp;
 use gfn_ddp::world::{Placement, World};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Tensor};
@@ -24,8 +28,12 @@ use tch::{Device, Tensor};
 /// What a rank tells the others when joining.
 #[derive(Debug, Serialize, Deserialize)]
 enum Announcement {
-    /// Rank 0: the job's token, which every buffer connection must present.
-    Token([u8; 32]),
+    /// Rank 0: the job's token, which every buffer connection must present, and its run
+    /// directory (absolute), where buffer ranks keep their snapshots.
+    Root {
+        token: [u8; 32],
+        out: PathBuf,
+    },
     /// A buffer rank: where its server listens.
     Buffer {
         host: String,
@@ -38,6 +46,8 @@ enum Announcement {
 /// server (before announcing, so that trainers can connect as soon as they know the address).
 pub struct Announcer {
     pub server: Option<Server>,
+    /// The run directory (`--out`), as rank 0 names it.
+    pub out: PathBuf,
 }
 
 impl Announcer {
@@ -45,9 +55,16 @@ impl Announcer {
         let announcement = if placement.buffer_ranks() == 0 {
             Announcement::Nothing
         } else if placement.rank == 0 {
-            Announcement::Token(Token::random().0)
+            Announcement::Root {
+                token: Token::random().0,
+                out: std::path::absolute(&self.out).unwrap_or_else(|_| self.out.clone()),
+            }
         } else if !placement.is_trainer() {
-            let server = Server::bind(("0.0.0.0", 0)).map_err(|e| {
+            let server = Server::bind((
+                listen_address(crate::config::ranks_on_this_host(), placement.world_size),
+                0,
+            ))
+            .map_err(|e| {
                 gfn_ddp::DdpError::Launch(format!(
                     "buffer rank {} cannot open a listening socket: {e}",
                     placement.rank
@@ -63,6 +80,18 @@ impl Announcer {
             Announcement::Nothing
         };
         Ok(serde_json::to_vec(&announcement).expect("announcements serialise"))
+    }
+}
+
+/// Where a buffer rank listens: loopback when the launcher runs every rank of the job on this
+/// host; otherwise every interface, because the host's name may resolve to a loopback address
+/// here (Debian's 127.0.1.1) while other hosts reach it by another. Connections must present
+/// the job's token either way.
+fn listen_address(ranks_on_this_host: usize, world_size: usize) -> &'static str {
+    if ranks_on_this_host >= world_size {
+        "127.0.0.1"
+    } else {
+        "0.0.0.0"
     }
 }
 
@@ -94,11 +123,16 @@ fn decode(world: &World, rank: usize) -> Result<Announcement> {
         .with_context(|| format!("malformed start-up announcement from rank {rank}"))
 }
 
-fn job_token(world: &World) -> Result<Token> {
+/// The job's token and rank 0's run directory.
+fn from_root(world: &World) -> Result<(Token, PathBuf)> {
     match decode(world, 0)? {
-        Announcement::Token(bytes) => Ok(Token(bytes)),
+        Announcement::Root { token, out } => Ok((Token(token), out)),
         other => bail!("rank 0 announced {other:?} instead of the job token"),
     }
+}
+
+fn job_token(world: &World) -> Result<Token> {
+    Ok(from_root(world)?.0)
 }
 
 /// `host:port` to reach buffer rank `rank` from here (loopback when on the same host).
@@ -115,9 +149,6 @@ fn buffer_address(world: &World, rank: usize) -> Result<String> {
 /// Runs a buffer rank's server until its training ranks are done, then prints its report.
 pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
     let b = &config.buffer;
-    if b.capacity == 0 {
-        bail!("invalid buffer.capacity = 0: a buffer rank must hold at least 1 trajectory");
-    }
     let placement = world.placement;
     let env: Arc<dyn Environment> = Arc::from(config.env.build()?);
     let trainers: Vec<u32> = placement
@@ -126,11 +157,14 @@ pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
         .map(|t| t as u32)
         .collect();
     let address = server.local_addr()?;
+    let (token, out) = from_root(world)?;
     tracing::info!(
         rank = placement.rank,
         pid = std::process::id(),
         port = address.port(),
         trainers = ?trainers,
+        address = %address.ip(),
+        snapshots = %out.display(),
         "replay-buffer server listening"
     );
     let report = server.serve(ServerConfig {
@@ -139,14 +173,18 @@ pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
             policy: b.policy,
             modes: mode_ids(env),
         },
-        token: job_token(world)?,
+        token,
         trainers,
         idle_timeout: Duration::from_secs(config.ddp.timeout_s),
         hello_timeout: Duration::from_secs(10),
+        snapshots: Some(SnapshotFiles {
+            dir: out,
+            rank: placement.rank,
+        }),
     })?;
     let s = &report.stats;
     println!(
-        "buffer rank {}: size {}/{} received {} ({:.0}/s) sampled {} ({:.0}/s) duplicates {} modes {} trainers finished {} lost {} refused {}",
+        "buffer rank {}: size {}/{} received {} ({:.0}/s) sampled {} ({:.0}/s) duplicates {} modes {} trainers finished {} lost {} refused {} accept errors {}",
         placement.rank,
         s.size,
         s.capacity,
@@ -158,7 +196,8 @@ pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
         s.modes_found,
         report.trainers_finished,
         report.trainers_lost,
-        report.refused
+        report.refused,
+        report.accept_errors
     );
     Ok(())
 }
@@ -193,6 +232,12 @@ pub struct BufferMetrics {
 }
 
 impl BufferMetrics {
+    /// The latest statistics over all buffer ranks; `None` before any arrived.
+    pub fn latest(views: &[StatsView]) -> Option<Self> {
+        let stats: Vec<ServerStats> = views.iter().filter_map(StatsView::latest).collect();
+        (!stats.is_empty()).then(|| BufferMetrics::combine(&stats))
+    }
+
     fn combine(stats: &[ServerStats]) -> Self {
         let modes: BTreeSet<u64> = stats.iter().flat_map(|s| s.mode_keys.clone()).collect();
         let quantile = |q: f64| mixture_quantile(stats, q);
@@ -260,7 +305,14 @@ pub struct BufferSummary {
 /// the others (for statistics).
 pub struct RemoteReplay {
     client: Client,
+    /// This trainer's buffer rank.
+    own: usize,
     observers: Vec<Client>,
+    /// The buffer ranks of `observers`, in order.
+    observer_ranks: Vec<usize>,
+    /// Buffer ranks that let a request time out with the connection open (stopped or stuck):
+    /// not asked again.
+    silent: BTreeSet<usize>,
     fatal: bool,
     lost_reported: bool,
     /// Trajectories from the buffer rank mixed into this trainer's batches.
@@ -296,17 +348,23 @@ impl RemoteReplay {
             .with_context(|| format!("connecting to buffer rank {buffer}"))
         };
         let client = connect(own, Role::Trainer { rank })?;
-        let observers = if root {
+        let observer_ranks: Vec<usize> = if root {
             (placement.trainers..placement.world_size)
                 .filter(|&b| b != own)
-                .map(|b| connect(b, Role::Observer { rank }))
-                .collect::<Result<_>>()?
+                .collect()
         } else {
             Vec::new()
         };
+        let observers = observer_ranks
+            .iter()
+            .map(|&b| connect(b, Role::Observer { rank }))
+            .collect::<Result<_>>()?;
         Ok(Some(RemoteReplay {
             client,
+            own,
             observers,
+            observer_ranks,
+            silent: BTreeSet::new(),
             fatal: config.buffer.fatal,
             lost_reported: false,
             replayed: 0,
@@ -315,57 +373,71 @@ impl RemoteReplay {
         }))
     }
 
-    /// A fresh batch plus replayed trajectories: from the buffer rank (whatever has been
-    /// prefetched, never waiting), or from local replay once the buffer rank is lost. Returns
-    /// the batch and the number of fresh trajectories at its front.
-    pub fn sample_batch(&mut self, state: &mut TrainState) -> Result<(Trajectories, usize)> {
-        let mut batch = state.sample_fresh()?;
-        let n = batch.len();
-        let k = state.replay_count(n);
-        let replayed = match self.client.lost() {
-            None => {
-                let mut replayed = Trajectories::new(self.state_dim);
-                for item in self.client.take(k) {
-                    if item.validate(self.state_dim).is_ok() {
-                        let actions: Vec<usize> =
-                            item.actions.iter().map(|&a| a as usize).collect();
-                        replayed.push(&item.states, &actions, item.log_reward);
-                    }
-                }
-                self.replayed += replayed.len() as u64;
-                replayed
-            }
-            Some(reason) => {
-                if self.fatal {
-                    bail!(
-                        "lost the replay-buffer rank at {}: {reason} (buffer.fatal = true)",
-                        self.client.addr()
-                    );
-                }
-                if !self.lost_reported {
-                    tracing::warn!(
-                        "lost the replay-buffer rank at {}: {reason}; continuing with local replay",
-                        self.client.addr()
-                    );
-                    self.lost_reported = true;
-                }
-                state.replay.sample(k, self.state_dim, &mut state.rng)
-            }
-        };
-        // Local replay also keeps a copy, to fall back on.
-        state.replay.push(&batch);
-        self.client.push(items(&batch));
-        batch.extend(&replayed);
-        Ok((batch, n))
+    /// Every buffer rank this trainer is connected to, with its rank.
+    fn buffers(&self) -> impl Iterator<Item = (usize, &Client)> {
+        std::iter::once((self.own, &self.client))
+            .chain(self.observer_ranks.iter().copied().zip(&self.observers))
     }
 
-    /// Latest statistics over all buffer ranks (rank 0; polled in the background).
-    pub fn metrics(&self) -> Option<BufferMetrics> {
-        let stats: Vec<ServerStats> = std::iter::once(&self.client)
-            .chain(&self.observers)
-            .filter_map(Client::latest_stats)
-            .collect();
-        (!stats.is_empty()).then(|| BufferMetrics::combine(&stats))
+    /// Snapshot requests wait at most half the job's deadline, so that a silent buffer rank
+    /// is reported before the other ranks' deadline in the barrier that follows ends the job.
+    fn snapshot_timeout(&self) -> Duration {
+        self.timeout / 2
+    }
+
+    /// Every trainer, before a checkpoint: waits (bounded) until its buffer rank has stored
+    /// every push, so that the snapshots hold the trajectories of every checkpointed step.
+    fn sync_pushes(&mut self) {
+        if self.silent.contains(&self.own) || self.client.lost().is_some() {
+            return;
+        }
+        if let Err(e) = self.client.sync(self.snapshot_timeout()) {
+            if matches!(e, BufferError::NoReply { .. }) {
+                tracing::warn!("buffer rank {}: {e}; not asked again", self.own);
+                self.silent.insert(self.own);
+            }
+        }
+    }
+
+    /// Rank 0, at a checkpoint: has every buffer rank write its snapshot of `step`. A buffer
+    /// rank that cannot is reported; the run goes on (a resume then starts it empty).
+    fn save(&mut self, step: u64) {
+        let timeout = self.snapshot_timeout();
+        let mut newly_silent = Vec::new();
+        for (rank, client) in self.buffers() {
+            if self.silent.contains(&rank) || client.lost().is_some() {
+                continue;
+            }
+            if let Err(e) = client.save(step, timeout) {
+                tracing::warn!("buffer rank {rank}: no snapshot of step {step}: {e}");
+                if matches!(e, BufferError::NoReply { .. }) {
+                    newly_silent.push(rank);
+                }
+            }
+        }
+        self.silent.extend(newly_silent);
+    }
+
+    /// Rank 0, on resume: has every buffer rank restore its snapshot of `step` (one without
+    /// it starts empty, with a warning).
+    pub fn restore(&self, step: u64) -> Result<()> {
+        for (rank, client) in self.buffers() {
+            match client.restore(step, self.snapshot_timeout()) {
+                Ok(Some(items)) => tracing::info!(
+                    "buffer rank {rank}: restored {items} trajectories of step {step}"
+                ),
+                Ok(None) => tracing::warn!(
+                    "buffer rank {rank} starts empty: it has no snapshot of step {step}"
+                ),
+                Err(e) => return Err(e).with_context(|| format!("restoring buffer rank {rank}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles on the statistics of every buffer rank (polled in the background on rank 0).
+    pub fn stats_views(&self) -> Vec<StatsView> {
+        self.buffers().map(|(_, c)| c.stats_view()).collect()
     }
 
     /// Ends the sessions: every trainer waits until its pushes are stored; then rank 0 reads
@@ -373,12 +445,16 @@ impl RemoteReplay {
     pub fn finish(self, world: &mut World) -> Result<Option<BufferSummary>> {
         let lost_before = self.client.lost().is_some();
         // A buffer rank that stops answering without closing the connection (stopped, stuck).
-        let unresponsive = self.client.sync(self.timeout).is_err() && self.client.lost().is_none();
+        let unresponsive = self.silent.contains(&self.own)
+            || matches!(
+                self.client.sync(self.timeout),
+                Err(BufferError::NoReply { .. })
+            );
         world.comm.barrier()?;
         let final_stats: Vec<ServerStats> = if world.is_root() {
-            std::iter::once(&self.client)
-                .chain(&self.observers)
-                .filter_map(|c| c.sync(self.timeout).ok().or_else(|| c.latest_stats()))
+            self.buffers()
+                .filter(|(rank, _)| !self.silent.contains(rank))
+                .filter_map(|(_, c)| c.sync(self.timeout).ok().or_else(|| c.latest_stats()))
                 .collect()
         } else {
             Vec::new()
@@ -414,6 +490,55 @@ impl RemoteReplay {
     }
 }
 
+/// Replayed trajectories from the buffer rank (whatever has been prefetched, never waiting),
+/// or from local replay once the buffer rank is lost; fresh batches go to the buffer rank, and
+/// checkpoints include its snapshot.
+impl BatchSource for RemoteReplay {
+    fn replayed(
+        &mut self,
+        _state: &mut TrainState,
+        k: usize,
+    ) -> gfn_core::Result<Option<Trajectories>> {
+        if let Some(reason) = self.client.lost() {
+            let message = format!(
+                "lost the replay-buffer rank at {}: {reason}",
+                self.client.addr()
+            );
+            if self.fatal {
+                return Err(gfn_core::Error::Hook(format!(
+                    "{message} (buffer.fatal = true)"
+                )));
+            }
+            if !self.lost_reported {
+                tracing::warn!("{message}; continuing with local replay");
+                self.lost_reported = true;
+            }
+            return Ok(None);
+        }
+        let mut replayed = Trajectories::new(self.state_dim);
+        for item in self.client.take(k) {
+            if item.validate(self.state_dim).is_ok() {
+                let actions: Vec<usize> = item.actions.iter().map(|&a| a as usize).collect();
+                replayed.push(&item.states, &actions, item.log_reward);
+            }
+        }
+        self.replayed += replayed.len() as u64;
+        Ok(Some(replayed))
+    }
+
+    fn fresh(&mut self, batch: &Trajectories) {
+        self.client.push(items(batch));
+    }
+
+    fn before_checkpoint(&mut self) {
+        self.sync_pushes();
+    }
+
+    fn checkpoint(&mut self, step: u64) {
+        self.save(step);
+    }
+}
+
 /// The batch as protocol items, keyed by a hash of the terminal state's coordinates.
 fn items(batch: &Trajectories) -> Vec<Item> {
     let d = batch.state_dim;
@@ -445,6 +570,12 @@ mod tests {
             mode_keys: modes,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_job_on_one_host_listens_on_loopback_only() {
+        assert_eq!(listen_address(3, 3), "127.0.0.1");
+        assert_eq!(listen_address(2, 4), "0.0.0.0");
     }
 
     #[test]

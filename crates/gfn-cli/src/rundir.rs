@@ -39,6 +39,8 @@ fn written_by_a_run(name: &str) -> bool {
     FILES.contains(&name)
         || name.starts_with("events.out.tfevents.")
         || name.starts_with("checkpoint.tmp")
+        || name.starts_with("buffer-rank-")
+        || name.starts_with(".buffer-rank-")
         || name.ends_with(".png")
 }
 

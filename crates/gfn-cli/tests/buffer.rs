@@ -65,6 +65,42 @@ fn two_trainers_and_a_buffer_rank_learn_as_well_as_two_trainers_alone() {
 }
 
 #[test]
+fn a_resumed_run_gets_back_the_buffer_rank_it_had() {
+    let out = scratch("buffer-resume");
+    let o = out.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--num-remote-buffers",
+            "1",
+            "--set",
+            "sampling.batch_size=8",
+            "--set",
+            "replay.ratio=0.5",
+            "--set",
+            "train.checkpoint_every=100",
+        ];
+        args.extend_from_slice(extra);
+        let result = mpirun(3, &[], &args);
+        assert_ok(&result);
+        summary(&out)
+    };
+    let first = run(&["--out", o, "--set", "train.steps=200"]);
+    assert_eq!(first["buffer_received"], 2 * 200 * 8);
+    let snapshot = |step: u64| out.join(format!("buffer-rank-2.step-{step}.bin"));
+    assert!(snapshot(100).exists() && snapshot(200).exists());
+    // The resumed buffer rank starts with the 3,200 trajectories and counts it had; the
+    // 1,600 pushed after the resume come on top.
+    let resumed = run(&["--resume", o, "--set", "train.steps=300"]);
+    assert_eq!(resumed["buffer_received"], 2 * 300 * 8);
+    assert_eq!(resumed["buffer_size"], 2 * 300 * 8);
+    assert_eq!(resumed["buffer_pushes_dropped"], 0);
+    // Snapshots of the last two checkpoints stay.
+    assert!(!snapshot(100).exists() && snapshot(200).exists() && snapshot(300).exists());
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
 fn two_trainers_and_a_buffer_rank_on_a_bit_sequence() {
     // A peaked bit sequence (6 modes, β = 16): items are keyed by their terminal sequence, and
     // the buffer rank counts modes with the environment's own criterion (Hamming distance < 3).

@@ -330,6 +330,37 @@ fn bad_input_gets_a_one_line_error_naming_field_and_value() {
             ],
             &["model.transformer.width", "10"],
         ),
+        // Sizes that would exhaust the machine are refused before anything is allocated.
+        (
+            &["--set", "sampling.batch_size=100000000"],
+            &["sampling.batch_size", "100000000", "memory available"],
+        ),
+        (
+            &["--set", "model.hidden=100000"],
+            &["model.hidden", "100000", "parameters", "memory available"],
+        ),
+        (
+            &["--set", "replay.capacity=1000", "--set", "replay.ratio=1e9"],
+            &["replay.ratio", "1000000000", "one training batch"],
+        ),
+        (
+            &["--set", "replay.capacity=100000000000"],
+            &["replay.capacity", "100000000000", "replay buffer"],
+        ),
+        (
+            &[
+                "--set",
+                "buffer.num_remote=1",
+                "--set",
+                "buffer.capacity=10000000000",
+            ],
+            &["buffer.capacity", "10000000000", "buffer rank"],
+        ),
+        (
+            &["--set", "train.threads=100000"],
+            &["train.threads", "100000", "per CPU"],
+        ),
+        (&["--set", "ddp.timeout_s=0"], &["ddp.timeout_s", "0"]),
     ];
     for (args, needles) in cases {
         let mut full = vec!["train", "--out", o];

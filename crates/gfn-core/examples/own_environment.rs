@@ -14,12 +14,13 @@
 
 use gfn_core::env::{check_environment, Enumerable, Environment, Modes, Termination};
 use gfn_core::estimators::{Architecture, BackwardPolicy};
+use gfn_core::fit;
 use gfn_core::losses::{LossConfig, LossKind};
 use gfn_core::metrics::MetricsConfig;
 use gfn_core::optim::OptimizerConfig;
 use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
-use gfn_core::train::{NoReduction, ReplayConfig, TrainConfig, TrainState};
+use gfn_core::train::{ReplayConfig, TrainConfig, TrainState};
 use rand::SeedableRng;
 
 /// Items as (weight, value); a packing may weigh at most `capacity`.
@@ -224,6 +225,7 @@ fn config(seed: u64) -> TrainConfig {
         threads: 1,
         exact_samples: 20_000,
         max_nonfinite_steps: 0,
+        memory_budget: None,
         metrics: MetricsConfig::default(),
     }
 }
@@ -231,10 +233,22 @@ fn config(seed: u64) -> TrainConfig {
 /// Trains `steps` steps of trajectory balance; returns the final evaluation.
 fn train(steps: u64) -> gfn_core::Result<gfn_core::train::Evaluation> {
     let mut state = TrainState::new(Box::new(knapsack()), config(0), tch::Device::Cpu, 0)?;
-    for _ in 0..steps {
-        state.train_step(&mut NoReduction)?;
-    }
-    state.evaluate()
+    let schedule = fit::Schedule {
+        steps,
+        evaluate_every: 0,
+        checkpoint_every: 0,
+        checkpoint: None,
+    };
+    let report = fit::fit(
+        &mut state,
+        &mut fit::Alone,
+        &mut fit::LocalReplay,
+        &mut fit::NoHooks,
+        &schedule,
+    )?;
+    Ok(report
+        .last_eval
+        .expect("one process evaluates at its last step"))
 }
 
 fn main() -> gfn_core::Result<()> {

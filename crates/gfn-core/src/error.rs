@@ -39,6 +39,9 @@ pub enum Error {
     /// A collective of the gradient hook failed (data-parallel training).
     #[error("collective: {0}")]
     Collective(String),
+    /// Raised by a hook or batch source of the training loop ([`crate::fit`]).
+    #[error("{0}")]
+    Hook(String),
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("io: {0}")]

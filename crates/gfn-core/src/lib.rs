@@ -12,12 +12,17 @@
 //! - [`host_mlp`]: the plain-Rust linear layer that CPU rollouts run their policy with.
 //! - [`unique`]: distinct states of a batch, so that networks run once per distinct state.
 //! - [`optim`], [`train`], [`checkpoint`]: the training state and its single `update`.
+//! - [`fit`]: the training loop over any number of ranks, with evaluation, checkpoint and
+//!   stop hooks.
 //! - [`parallel`], [`subnormals`]: the CPU threads of a rank, and their float mode.
+//! - [`bounds`]: what a configuration asks of memory and threads, checked before allocating.
 
+pub mod bounds;
 pub mod checkpoint;
 pub mod env;
 pub mod error;
 pub mod estimators;
+pub mod fit;
 pub mod host_mlp;
 pub mod losses;
 pub mod metrics;

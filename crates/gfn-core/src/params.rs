@@ -27,8 +27,11 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
+    /// Elements (saturating, so that an absurd shape is sized, not wrapped).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product::<i64>() as usize
+        self.shape
+            .iter()
+            .fold(1usize, |n, &d| n.saturating_mul(d.max(0) as usize))
     }
 }
 
@@ -37,9 +40,25 @@ impl ParamSpec {
 pub struct ParamStoreBuilder {
     specs: Vec<ParamSpec>,
     values: Vec<f32>,
+    numel: usize,
+    /// Shapes only: no values drawn or stored (to size a model before allocating it).
+    counting: bool,
 }
 
 impl ParamStoreBuilder {
+    /// A builder that records shapes and counts elements but holds no values.
+    pub fn counting() -> Self {
+        ParamStoreBuilder {
+            counting: true,
+            ..Default::default()
+        }
+    }
+
+    /// Elements added so far (saturating).
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
     /// Adds a parameter filled with `init`.
     pub fn add(
         &mut self,
@@ -50,12 +69,15 @@ impl ParamStoreBuilder {
     ) -> ParamId {
         let spec = ParamSpec {
             name: name.to_string(),
-            offset: self.values.len(),
+            offset: self.numel,
             shape: shape.to_vec(),
             group,
         };
-        self.values
-            .extend(std::iter::repeat_with(init).take(spec.numel()));
+        let n = spec.numel();
+        self.numel = self.numel.saturating_add(n);
+        if !self.counting {
+            self.values.extend(std::iter::repeat_with(init).take(n));
+        }
         self.specs.push(spec);
         ParamId(self.specs.len() - 1)
     }
@@ -82,6 +104,10 @@ impl ParamStoreBuilder {
     }
 
     pub fn build(self, device: Device) -> ParamStore {
+        assert!(
+            !self.counting,
+            "a counting builder holds no values to build from"
+        );
         let flat = Tensor::from_slice(&self.values).to_device(device);
         let leaves = leaves_over(&flat, &self.specs);
         ParamStore {

@@ -2,8 +2,10 @@
 //! `update` = forward → loss → backward → gradient hook → optimizer step. The hook is where data
 //! parallelism all-reduces the flat gradient; a single rank passes [`NoReduction`].
 
+use crate::bounds::{self, product, Demand};
 use crate::env::Environment;
 use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
+use crate::fit::{BatchSource, LocalReplay};
 use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig, LossKind};
 use crate::metrics::{EvalContext, MetricSet, MetricsConfig, Values};
 use crate::optim::{Adam, OptimizerConfig, ReducedGradient};
@@ -57,6 +59,9 @@ pub struct TrainConfig {
     /// Updates in a row that may be skipped for a non-finite loss or gradient before training
     /// stops with [`Error::NonFinite`]; 0 stops at the first.
     pub max_nonfinite_steps: u64,
+    /// Bytes this process may use; `None`: the memory available on the machine now. A run
+    /// that would need more is refused before it allocates (see [`crate::bounds`]).
+    pub memory_budget: Option<u64>,
 }
 
 impl TrainConfig {
@@ -90,9 +95,73 @@ impl TrainConfig {
                 "must be >= 0",
             ));
         }
+        crate::bounds::check_threads("train.threads", self.threads)?;
         self.loss.validate()?;
         self.metrics.validate()?;
         self.optimizer.validate()
+    }
+
+    /// Refuses a run whose memory would exceed [`TrainConfig::memory_budget`] (evaluation
+    /// works in fixed-size chunks and is not counted). On a GPU only
+    /// what lives in host memory is counted (the initial parameters and the replay buffer).
+    pub fn check_resources(&self, env: &dyn Environment, device: Device) -> Result<()> {
+        let Some(available) = self.memory_budget.or_else(bounds::available_memory) else {
+            return Ok(());
+        };
+        let demands = self.memory_demands(env)?;
+        let on_host: Vec<Demand> = match device {
+            Device::Cpu => demands,
+            _ => demands
+                .into_iter()
+                .filter(|d| d.what == PARAMETERS || d.what == REPLAY)
+                .collect(),
+        };
+        bounds::check_memory(&on_host, available)
+    }
+
+    fn memory_demands(&self, env: &dyn Environment) -> Result<Vec<Demand>> {
+        let estimators = self.estimator_config();
+        let params = Estimators::count_params(env, estimators)? as u64;
+        let (field, value) = self.architecture.size_setting();
+        let networks = 1
+            + (estimators.backward == BackwardPolicy::Learned) as u64
+            + estimators.log_flow as u64;
+        let states = env.max_trajectory_length() as u64;
+        let state_bytes = 8 * env.state_dim() as u64;
+        let activations = product(&[4, networks, self.architecture.activation_floats(env)]);
+        let trajectory = |per_state: u64| product(&[states, state_bytes.saturating_add(per_state)]);
+        let replayed = match self.replay.capacity {
+            0 => 0,
+            _ => self.replay.count(self.batch_size) as u64,
+        };
+        let batch_field = if replayed > self.batch_size as u64 {
+            ("replay.ratio", self.replay.ratio.to_string())
+        } else {
+            ("sampling.batch_size", self.batch_size.to_string())
+        };
+        Ok(vec![
+            Demand::new(
+                field,
+                value,
+                PARAMETERS,
+                params.saturating_mul(bounds::BYTES_PER_PARAMETER),
+            ),
+            Demand::new(
+                batch_field.0,
+                batch_field.1,
+                "one training batch",
+                product(&[
+                    (self.batch_size as u64).saturating_add(replayed),
+                    trajectory(activations),
+                ]),
+            ),
+            Demand::new(
+                "replay.capacity",
+                self.replay.capacity,
+                REPLAY,
+                product(&[self.replay.capacity as u64, trajectory(8)]),
+            ),
+        ])
     }
 
     /// What the objective asks of the environment.
@@ -125,6 +194,9 @@ impl TrainConfig {
     }
 }
 
+const PARAMETERS: &str = "parameters, gradients and Adam moments";
+const REPLAY: &str = "replay buffer";
+
 /// Called between backward and the optimizer step with the flat gradient: where data
 /// parallelism plugs in. The ranks may share the update out (as ZeRO stage 1 does): each sums
 /// and steps only its share of the elements, then hands its share of the parameters to the
@@ -149,6 +221,20 @@ impl GradientReducer for NoReduction {
     }
     fn gather_shares(&mut self, _flat: &mut Tensor) -> Result<()> {
         Ok(())
+    }
+}
+
+impl StepMetrics {
+    /// What a report shows before the first step.
+    pub fn before_training(epsilon: f64) -> Self {
+        StepMetrics {
+            loss: f64::NAN,
+            batch_trajectories: 0,
+            mean_log_reward: f64::NAN,
+            mean_length: f64::NAN,
+            epsilon,
+            skipped: false,
+        }
     }
 }
 
@@ -238,6 +324,7 @@ impl TrainState {
     ) -> Result<Self> {
         config.validate()?;
         config.validate_for(env.as_ref())?;
+        config.check_resources(env.as_ref(), device)?;
         set_flush_on_this_thread(true);
         let (truth, no_truth) = match GroundTruth::enumerate(env.as_ref()) {
             Ok(truth) => (Some(truth), None),
@@ -335,12 +422,26 @@ impl TrainState {
     /// A fresh batch, plus trajectories replayed from the local buffer when enabled. Returns
     /// the batch and the number of fresh trajectories at its front.
     pub fn sample_batch(&mut self) -> Result<(Trajectories, usize)> {
+        self.sample_batch_with(&mut LocalReplay)
+    }
+
+    /// A fresh batch, plus (with replay enabled) trajectories replayed from `source` or, where
+    /// it has none, from the local buffer, which keeps a copy of every fresh batch. Returns the
+    /// batch and the number of fresh trajectories at its front.
+    pub fn sample_batch_with(
+        &mut self,
+        source: &mut dyn BatchSource,
+    ) -> Result<(Trajectories, usize)> {
         let mut batch = self.sample_fresh()?;
         let n = batch.len();
         if self.config.replay.capacity > 0 {
             let k = self.replay_count(n);
-            let replayed = self.replay.sample(k, self.env.state_dim(), &mut self.rng);
+            let replayed = match source.replayed(self, k)? {
+                Some(replayed) => replayed,
+                None => self.replay.sample(k, self.env.state_dim(), &mut self.rng),
+            };
             self.replay.push(&batch);
+            source.fresh(&batch);
             batch.extend(&replayed);
         }
         Ok((batch, n))
@@ -510,6 +611,7 @@ mod tests {
                 threads: 3,
                 exact_samples: 1000,
                 max_nonfinite_steps: 0,
+                memory_budget: None,
                 metrics: MetricsConfig::default(),
             };
             let env = HyperGrid::new(HyperGridConfig::new(2, 4, RewardPreset::Standard)).unwrap();

@@ -4,15 +4,12 @@
 //! `max_nonfinite_steps` come in a row; a checkpoint is never written from non-finite values,
 //! and one whose bytes changed is refused by its checksum.
 
+mod common;
+
 use gfn_core::checkpoint::{self, RunIdentity};
 use gfn_core::env::{HyperGrid, HyperGridConfig, RewardPreset};
-use gfn_core::estimators::{Architecture, BackwardPolicy};
-use gfn_core::losses::{LossConfig, LossKind};
-use gfn_core::metrics::MetricsConfig;
-use gfn_core::optim::{OptimizerConfig, ReducedGradient};
-use gfn_core::replay::ReplayPolicy;
-use gfn_core::sampler::EpsilonSchedule;
-use gfn_core::train::{GradientReducer, NoReduction, ReplayConfig, TrainConfig, TrainState};
+use gfn_core::optim::ReducedGradient;
+use gfn_core::train::{GradientReducer, NoReduction, TrainConfig, TrainState};
 use gfn_core::Error;
 use tch::{Device, Tensor};
 
@@ -22,27 +19,8 @@ fn state(max_nonfinite_steps: u64) -> TrainState {
 
 fn state_of_width(max_nonfinite_steps: u64, hidden: usize) -> TrainState {
     let config = TrainConfig {
-        architecture: Architecture::Mlp { hidden, layers: 2 },
-        backward: BackwardPolicy::Learned,
-        loss: LossConfig::new(LossKind::Tb),
-        optimizer: OptimizerConfig::default(),
-        batch_size: 8,
-        epsilon: EpsilonSchedule {
-            start: 0.1,
-            end: 0.1,
-            decay_steps: 0,
-        },
-        temperature: 1.0,
-        replay: ReplayConfig {
-            capacity: 0,
-            policy: ReplayPolicy::Uniform,
-            ratio: 0.5,
-        },
-        seed: 3,
-        threads: 1,
-        exact_samples: 1000,
         max_nonfinite_steps,
-        metrics: MetricsConfig::default(),
+        ..common::small_tb_config(hidden, 0)
     };
     let env = HyperGrid::new(HyperGridConfig::new(2, 5, RewardPreset::Standard)).unwrap();
     TrainState::new(Box::new(env), config, Device::Cpu, 0).unwrap()

@@ -41,6 +41,7 @@ fn config(kind: LossKind) -> TrainConfig {
         threads: 1,
         exact_samples: 10_000,
         max_nonfinite_steps: 0,
+        memory_budget: None,
         metrics: MetricsConfig::default(),
     }
 }

@@ -192,6 +192,7 @@ fn state(kind: LossKind, stream: u64) -> TrainState {
         threads: 0,
         exact_samples: 1000,
         max_nonfinite_steps: 0,
+        memory_budget: None,
         metrics: MetricsConfig::default(),
     };
     let env = HyperGrid::new(HyperGridConfig::new(2, 6, RewardPreset::Standard)).unwrap();

@@ -104,7 +104,7 @@ pub fn all_gather_bytes(
         .collect())
 }
 
-fn sum_over_ranks(
+pub(crate) fn sum_over_ranks(
     comm: &mut dyn Communicator,
     values: Vec<f32>,
     device: tch::Device,

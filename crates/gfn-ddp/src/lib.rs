@@ -8,12 +8,14 @@
 //!   for waits the backends cannot time out themselves.
 //! - [`reducer`]: the gradient hook inside `TrainState::update`: one all-reduce of the flat
 //!   gradient, or the update shared out across ranks (reduce-scatter, step, all-gather).
+//! - [`ranks`]: the training loop's view of the ranks (`gfn_core::fit::Ranks`).
 
 pub mod backends;
 pub mod comm;
 mod error;
 pub mod hostlist;
 pub mod launch_env;
+pub mod ranks;
 pub mod reducer;
 pub mod rendezvous;
 pub mod watchdog;

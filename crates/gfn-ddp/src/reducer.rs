@@ -32,7 +32,7 @@ impl<'a> AllReduceGradients<'a> {
     }
 }
 
-fn collective(e: crate::DdpError) -> gfn_core::Error {
+pub(crate) fn collective(e: crate::DdpError) -> gfn_core::Error {
     gfn_core::Error::Collective(e.to_string())
 }
 

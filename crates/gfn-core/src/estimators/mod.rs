@@ -15,6 +15,7 @@ pub use transformer::TransformerConfig;
 use crate::env::Environment;
 use crate::params::{ParamGroup, ParamId, ParamStore, ParamStoreBuilder, ParamViews};
 use crate::{Error, Result};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -176,6 +177,35 @@ impl Architecture {
         })
     }
 
+    /// The setting that sizes this architecture, and its value (for error messages).
+    pub fn size_setting(&self) -> (&'static str, String) {
+        match self {
+            Architecture::Mlp { hidden, .. } => ("model.hidden", hidden.to_string()),
+            Architecture::Tabular => ("model.architecture", "tabular".into()),
+            Architecture::Transformer(c) => ("model.transformer.width", c.width.to_string()),
+        }
+    }
+
+    /// About how many floats one network's forward and backward pass keep per input state
+    /// (inputs, activations and their gradients), to size a batch before running it.
+    pub fn activation_floats(&self, env: &dyn Environment) -> u64 {
+        use crate::bounds::product;
+        let heads = (env.n_actions() + env.n_backward_actions() + 1) as u64;
+        let body = match *self {
+            Architecture::Mlp { hidden, layers } => product(&[3, hidden as u64, layers as u64])
+                .saturating_add(env.encoding_dim() as u64),
+            Architecture::Tabular => 0,
+            Architecture::Transformer(c) => {
+                let length = env.tokens().map_or(1, |t| t.length()) as u64;
+                let (width, ff, layers) = (c.width as u64, c.ff as u64, c.layers as u64);
+                let per_token = (12 * width).saturating_add(3 * ff);
+                let attention = product(&[3, c.heads as u64, length, length]);
+                product(&[layers, length, per_token]).saturating_add(product(&[layers, attention]))
+            }
+        };
+        body.saturating_add(2 * heads)
+    }
+
     /// The network input for a batch of states: the dense encoding (MLP), state indices
     /// (tabular) or tokens (Transformer).
     fn input(&self, env: &dyn Environment, states: &[i64]) -> Tensor {
@@ -186,6 +216,9 @@ impl Architecture {
         }
     }
 }
+
+/// The networks (in [`Estimators`] order) and log Z.
+type Parts = (Vec<Box<dyn Network>>, Option<ParamId>);
 
 pub struct Estimators {
     config: EstimatorConfig,
@@ -203,13 +236,35 @@ impl Estimators {
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
         let mut b = ParamStoreBuilder::default();
+        let (networks, log_z) = Self::assemble(env, config, &mut b, rng)?;
+        Ok(Estimators {
+            config,
+            networks,
+            log_z,
+            params: b.build(device),
+        })
+    }
+
+    /// The number of parameters `new` would create, found without allocating them.
+    pub fn count_params(env: &dyn Environment, config: EstimatorConfig) -> Result<usize> {
+        let mut b = ParamStoreBuilder::counting();
+        Self::assemble(env, config, &mut b, &mut ChaCha8Rng::seed_from_u64(0))?;
+        Ok(b.numel())
+    }
+
+    fn assemble(
+        env: &dyn Environment,
+        config: EstimatorConfig,
+        b: &mut ParamStoreBuilder,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Parts> {
         let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
         let arch = config.architecture;
         // Tables have no body to share: a tied P_B is a table of its own.
         let tied = config.backward == BackwardPolicy::Tied && arch != Architecture::Tabular;
         let mut networks = vec![arch.build(
             env,
-            &mut b,
+            b,
             "pf",
             HeadWidths {
                 pf: Some(n_actions),
@@ -224,7 +279,7 @@ impl Estimators {
                 pb: Some(n_back),
                 log_flow: false,
             };
-            networks.push(arch.build(env, &mut b, "pb", heads, rng)?);
+            networks.push(arch.build(env, b, "pb", heads, rng)?);
         }
         if config.log_flow {
             let heads = HeadWidths {
@@ -232,17 +287,12 @@ impl Estimators {
                 pb: None,
                 log_flow: true,
             };
-            networks.push(arch.build(env, &mut b, "log_flow", heads, rng)?);
+            networks.push(arch.build(env, b, "log_flow", heads, rng)?);
         }
         let log_z = config
             .log_z
             .then(|| b.add("log_z", &[1], ParamGroup::LogZ, || 0.0));
-        Ok(Estimators {
-            config,
-            networks,
-            log_z,
-            params: b.build(device),
-        })
+        Ok((networks, log_z))
     }
 
     pub fn config(&self) -> &EstimatorConfig {

@@ -4,10 +4,45 @@
 use gfn_core::env::{
     BitSeqConfig, Environment, HyperGrid, HyperGridConfig, RewardPreset, Termination,
 };
-use gfn_core::estimators::Estimators;
+use gfn_core::estimators::{Architecture, BackwardPolicy, Estimators};
+use gfn_core::losses::{LossConfig, LossKind};
+use gfn_core::metrics::MetricsConfig;
+use gfn_core::optim::OptimizerConfig;
 use gfn_core::params::ParamSpec;
+use gfn_core::replay::ReplayPolicy;
+use gfn_core::sampler::EpsilonSchedule;
+use gfn_core::train::{ReplayConfig, TrainConfig};
 use gfn_core::truth::{all_states, can_terminate};
 use tch::Tensor;
+
+/// TB with an MLP of two `hidden`-wide layers and a learned P_B, batches of 8 with ε = 0.1,
+/// on one thread: the setting of the tests that train a few steps.
+pub fn small_tb_config(hidden: usize, replay_capacity: usize) -> TrainConfig {
+    TrainConfig {
+        architecture: Architecture::Mlp { hidden, layers: 2 },
+        backward: BackwardPolicy::Learned,
+        loss: LossConfig::new(LossKind::Tb),
+        optimizer: OptimizerConfig::default(),
+        batch_size: 8,
+        epsilon: EpsilonSchedule {
+            start: 0.1,
+            end: 0.1,
+            decay_steps: 0,
+        },
+        temperature: 1.0,
+        replay: ReplayConfig {
+            capacity: replay_capacity,
+            policy: ReplayPolicy::Uniform,
+            ratio: 0.5,
+        },
+        seed: 3,
+        threads: 1,
+        exact_samples: 1000,
+        max_nonfinite_steps: 0,
+        memory_budget: None,
+        metrics: MetricsConfig::default(),
+    }
+}
 
 pub fn grid(dim: usize, height: usize, r0: f64) -> HyperGrid {
     HyperGrid::new(HyperGridConfig {
