@@ -26,11 +26,12 @@ def write(folder, name, title, sections):
     path.write_text("\n".join(lines))
 
 
-def loss_section(loss):
-    section = {"name": loss}
+def loss_sections(loss, subtb_lambda=0.9):
+    """`[loss]`, and for SubTB its own `[loss.subtb]`."""
+    sections = {"loss": {"name": loss}}
     if loss == "subtb":
-        section.update(subtb_lambda=0.9, subtb_weighting="geometric_within")
-    return section
+        sections["loss.subtb"] = {"lambda": subtb_lambda, "weighting": "geometric_within"}
+    return sections
 
 
 # Trajectory balance (Malkin et al., 2022), HyperGrid: 4x8 and 2x64, R0 in {0.1, 0.01, 0.001},
@@ -49,7 +50,7 @@ for dim, height in [(4, 8), (2, 64)]:
                   + (f", {pb} P_B." if pb else "."),
                   {"env": {"name": "hypergrid", "dim": dim, "height": height, "r0": r0, "r1": 0.5,
                            "r2": 2.0},
-                   "model": model, "loss": loss_section(loss), "sampling": {"batch_size": 16},
+                   "model": model, **loss_sections(loss), "sampling": {"batch_size": 16},
                    "train": {"steps": 62500, "validate_every": 2500}})
 
 # Sub-trajectory balance (Madan et al., 2023), HyperGrid: H = 12, D in {2, 4},
@@ -61,7 +62,7 @@ for dim in [2, 4]:
                   f"Sub-trajectory-balance paper: HyperGrid {dim}x12, R0 = {r0:g}, {loss.upper()}.",
                   {"env": {"name": "hypergrid", "dim": dim, "height": 12, "r0": r0, "r1": 0.5,
                            "r2": 2.0},
-                   "loss": loss_section(loss), "sampling": {"batch_size": 16},
+                   **loss_sections(loss), "sampling": {"batch_size": 16},
                    "train": {"steps": 62500, "validate_every": 2500}})
 
 # gfnx's HyperGrid baselines: 4x20 with `easy` rewards, TB, DB and SubTB.
@@ -69,7 +70,7 @@ for loss in ["tb", "db", "subtb"]:
     write("gfnx", f"hypergrid-4x20-easy-{loss}",
           f"gfnx baseline: HyperGrid 4x20, easy rewards, {loss.upper()}.",
           {"env": {"name": "hypergrid", "dim": 4, "height": 20, "preset": "easy"},
-           "loss": loss_section(loss),
+           **loss_sections(loss),
            "sampling": {"batch_size": 16},
            "train": {"steps": 100000, "validate_every": 5000, "eval_samples": 200000}})
 
@@ -78,7 +79,7 @@ for dim in [2, 4]:
     for loss in ["tb", "db", "subtb"]:
         write("sweep", f"hypergrid-{dim}x8-{loss}",
               f"Sweep setting: HyperGrid {dim}x8, R0 = 0.1, {loss.upper()}, 3000 steps.",
-              {"env": {"name": "hypergrid", "dim": dim, "height": 8}, "loss": loss_section(loss),
+              {"env": {"name": "hypergrid", "dim": dim, "height": 8}, **loss_sections(loss),
                "sampling": {"batch_size": 16},
                "train": {"steps": 3000, "validate_every": 250, "eval_samples": 20000,
                          "checkpoint_every": 0}})
@@ -90,9 +91,6 @@ for dim in [2, 4]:
 # 1000 steps (DB: 2000), with the test-set correlation over 10 backward trajectories per state,
 # and modes counted over every visited state as gfnx's baselines count them.
 for loss, lr, every in [("tb", 1e-3, 1000), ("db", 1e-3, 2000), ("subtb", 5e-4, 1000)]:
-    section = {"name": loss}
-    if loss == "subtb":
-        section.update(subtb_lambda=1.9, subtb_weighting="geometric_within")
     optim = {"name": "adamw", "lr": lr, "weight_decay": 1e-5}
     if loss == "tb":
         optim["lr_log_z"] = 5e-2
@@ -102,7 +100,7 @@ for loss, lr, every in [("tb", 1e-3, 1000), ("db", 1e-3, 2000), ("subtb", 5e-4, 
                    "mode_threshold": 30},
            "model": {"architecture": "transformer", "backward": "uniform"},
            "model.transformer": {"layers": 3, "heads": 8, "width": 64, "ff": 64},
-           "loss": section, "optim": optim,
+           **loss_sections(loss, subtb_lambda=1.9), "optim": optim,
            "sampling": {"batch_size": 16, "epsilon": 1e-3},
            "train": {"steps": 50000, "validate_every": every, "checkpoint_every": 5000},
            "metrics": {"test_rounds": 10, "modes_of": "visited"}})

@@ -43,8 +43,8 @@ print("| ranks | steps/s | trajectories/s | all-reduce ms/step | share of a step
 print("|---:|---:|---:|---:|---:|---:|---:|")
 for r in (1, 2):
     rs = runs[r]
-    reduce = [s["all_reduce_ms_per_step"] for s in rs]
-    wait = [s["rank_wait_ms_per_step"] for s in rs]
+    reduce = [s["time_all_reduce_ms_per_step"] for s in rs]
+    wait = [s["time_rank_wait_ms_per_step"] for s in rs]
     step_ms = [1e3 / s["steps_per_s"] for s in rs]
     print(f"| {r} | {spread([s['steps_per_s'] for s in rs], '.1f')} | {spread([traj(s) for s in rs], '.0f')} "
           f"| {spread(reduce, '.3f')} | {spread([100 * a / b for a, b in zip(reduce, step_ms)], '.1f')} % "

@@ -6,7 +6,7 @@ use gfn_buffer::store::Policy as BufferPolicy;
 use gfn_core::bounds;
 use gfn_core::env::EnvConfig;
 use gfn_core::estimators::{Architecture, BackwardPolicy, TransformerConfig};
-use gfn_core::losses::{LossConfig, LossKind, SubTbWeighting};
+use gfn_core::losses::LossConfig;
 use gfn_core::metrics::MetricsConfig;
 use gfn_core::optim::{OptimizerConfig, OptimizerKind};
 use gfn_core::replay::ReplayPolicy;
@@ -21,7 +21,8 @@ use tch::Device;
 pub struct Config {
     pub env: EnvConfig,
     pub model: ModelSection,
-    pub loss: LossSection,
+    /// `[loss]` is the core's own configuration (objectives, regression, `[loss.subtb]`).
+    pub loss: LossConfig,
     pub optim: OptimSection,
     pub sampling: SamplingSection,
     pub replay: ReplaySection,
@@ -84,6 +85,14 @@ pub fn ranks_on_this_host() -> usize {
     RankInfo::from_env()
         .ok()
         .map_or(1, |info| info.local_world_size.unwrap_or(info.world_size))
+}
+
+/// Training ranks of this job: the launcher's world size less the buffer ranks (1 alone).
+pub fn training_ranks(buffer_ranks: usize) -> usize {
+    RankInfo::from_env()
+        .ok()
+        .map_or(1, |info| info.world_size)
+        .saturating_sub(buffer_ranks)
 }
 
 /// This rank's share of the memory available on its host.
@@ -149,26 +158,6 @@ impl Default for ModelSection {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LossSection {
-    pub name: LossKind,
-    pub log_reward_clip_min: f64,
-    pub subtb_lambda: f64,
-    pub subtb_weighting: SubTbWeighting,
-}
-
-impl Default for LossSection {
-    fn default() -> Self {
-        LossSection {
-            name: LossKind::Tb,
-            log_reward_clip_min: f64::NEG_INFINITY,
-            subtb_lambda: 0.9,
-            subtb_weighting: SubTbWeighting::GeometricWithin,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct OptimSection {
     pub name: OptimizerKind,
     pub lr: f64,
@@ -177,6 +166,8 @@ pub struct OptimSection {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    /// Clip the mean gradient to this L2 norm before each step; 0: no clipping.
+    pub max_grad_norm: f64,
 }
 
 impl Default for OptimSection {
@@ -190,6 +181,7 @@ impl Default for OptimSection {
             beta1: d.beta1,
             beta2: d.beta2,
             eps: d.eps,
+            max_grad_norm: d.max_grad_norm,
         }
     }
 }
@@ -197,7 +189,11 @@ impl Default for OptimSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplingSection {
+    /// Trajectories each training rank samples per step.
     pub batch_size: usize,
+    /// The batch of all training ranks together (torchgfn's `--batch_size`), split evenly
+    /// among them; when set (not 0) it decides `batch_size`.
+    pub global_batch_size: usize,
     /// ε at step 0.
     pub epsilon: f64,
     /// ε after `epsilon_decay_steps` (linear schedule); defaults to `epsilon` (constant).
@@ -210,6 +206,7 @@ impl Default for SamplingSection {
     fn default() -> Self {
         SamplingSection {
             batch_size: 16,
+            global_batch_size: 0,
             epsilon: 0.0,
             epsilon_end: None,
             epsilon_decay_steps: 0,
@@ -342,7 +339,12 @@ impl Config {
             }
             let mut table = root.as_table_mut().expect("the config is a table");
             let parts: Vec<&str> = key.split('.').collect();
-            for part in &parts[..parts.len() - 1] {
+            for (depth, part) in parts[..parts.len() - 1].iter().enumerate() {
+                // A subsection left out for holding only defaults (`[loss.subtb]`) starts
+                // empty; deserialising names a key that is not one.
+                if depth > 0 && !table.contains_key(*part) {
+                    table.insert(part.to_string(), toml::Value::Table(toml::Table::new()));
+                }
                 table = table
                     .get_mut(*part)
                     .and_then(|v| v.as_table_mut())
@@ -393,12 +395,7 @@ impl Config {
         let config = TrainConfig {
             architecture,
             backward: m.backward,
-            loss: LossConfig {
-                kind: self.loss.name,
-                log_reward_clip_min: self.loss.log_reward_clip_min as f32,
-                subtb_lambda: self.loss.subtb_lambda,
-                subtb_weighting: self.loss.subtb_weighting,
-            },
+            loss: self.loss.clone(),
             optimizer: OptimizerConfig {
                 kind: o.name,
                 lr: o.lr,
@@ -407,6 +404,7 @@ impl Config {
                 beta1: o.beta1,
                 beta2: o.beta2,
                 eps: o.eps,
+                max_grad_norm: o.max_grad_norm,
             },
             batch_size: s.batch_size,
             epsilon: EpsilonSchedule {
@@ -430,9 +428,25 @@ impl Config {
             metrics: self.metrics.clone(),
             max_nonfinite_steps: self.train.max_nonfinite_steps,
             memory_budget: memory_per_rank(),
+            diagnostics_every: self.train.log_every,
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Splits `sampling.global_batch_size` (when set) among `training_ranks`.
+    pub fn split_global_batch(&mut self, training_ranks: usize) -> Result<()> {
+        let global = self.sampling.global_batch_size;
+        if global == 0 {
+            return Ok(());
+        }
+        if training_ranks == 0 || !global.is_multiple_of(training_ranks) {
+            bail!(
+                "invalid sampling.global_batch_size = {global}: does not split evenly among the {training_ranks} training rank(s)"
+            );
+        }
+        self.sampling.batch_size = global / training_ranks;
+        Ok(())
     }
 
     /// Everything that can be refused before the ranks join (so that every rank, buffer
@@ -516,13 +530,47 @@ mod tests {
                 "optim.lr=3e-4".into(),
             ])
             .unwrap();
-        assert_eq!(c.loss.name, LossKind::Subtb);
+        assert_eq!(c.loss.name, gfn_core::losses::LossKind::Subtb);
+        let c = c
+            .with_overrides(&[
+                "loss.subtb.lambda=0.5".into(),
+                "loss.regression=linex".into(),
+            ])
+            .unwrap();
+        assert_eq!(c.loss.subtb.lambda, 0.5);
+        assert_eq!(c.loss.regression, gfn_core::losses::Regression::Linex);
+        // Round trip through the TOML a run directory keeps.
+        assert_eq!(Config::from_toml(&c.to_toml(), "config.toml").unwrap(), c);
+        let err = Config::default()
+            .with_overrides(&["loss.subtb.lamda=0.5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lamda"), "{err}");
         let EnvConfig::Hypergrid(grid) = c.env else {
             panic!("still a grid: {:?}", c.env)
         };
         assert_eq!(grid.height, 16);
         assert_eq!(c.optim.lr, 3e-4);
         assert_eq!(grid.constants().0, 1e-3);
+    }
+
+    #[test]
+    fn a_global_batch_splits_evenly_among_the_training_ranks() {
+        let mut c = Config::default()
+            .with_overrides(&["sampling.global_batch_size=64".into()])
+            .unwrap();
+        c.split_global_batch(4).unwrap();
+        assert_eq!(c.sampling.batch_size, 16);
+        c.split_global_batch(1).unwrap();
+        assert_eq!(c.sampling.batch_size, 64);
+        let err = c.split_global_batch(3).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid sampling.global_batch_size = 64: does not split evenly among the 3 training rank(s)"
+        );
+        let mut unset = Config::default();
+        unset.split_global_batch(3).unwrap();
+        assert_eq!(unset.sampling.batch_size, 16);
     }
 
     #[test]

@@ -200,6 +200,7 @@ fn train(args: TrainArgs) -> Result<()> {
         }
     };
     config.train.threads = run::threads_per_rank(config.train.threads);
+    config.split_global_batch(config::training_ranks(config.buffer.num_remote))?;
     config.check_job()?;
     let backend = config.backend()?;
     let mut announcer = remote::Announcer {

@@ -14,13 +14,14 @@ use gfn_core::fit::{
     self, Checkpointing, Ending, FitReport, Hooks, LocalReplay, Schedule, StepReport,
 };
 use gfn_core::parallel;
-use gfn_core::train::{Evaluation, StepMetrics, TrainState};
+use gfn_core::timing::PhaseTimes;
+use gfn_core::train::{Diagnostics, Evaluation, StepMetrics, TrainState};
 use gfn_ddp::ranks::DataParallel;
 use gfn_ddp::world::World;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tch::Device;
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -57,13 +58,18 @@ pub struct Summary {
     /// Training ranks (data parallel).
     pub ranks: usize,
     pub backend: String,
-    /// The all-reduce of the gradient itself.
-    pub all_reduce_ms_per_step: f64,
-    /// Waiting, before the all-reduce, for the rank with the longest trajectories.
-    pub rank_wait_ms_per_step: f64,
     pub device: String,
+    /// Rank 0's time per phase (`time_<phase>_s`, `time_<phase>_ms_per_step`).
+    #[serde(flatten)]
+    pub timing: serde_json::Map<String, serde_json::Value>,
+    /// The same, for the table printed at the end.
+    #[serde(skip)]
+    pub phases: (PhaseTimes, u64),
     #[serde(flatten)]
     pub buffer: Option<BufferSummary>,
+    /// The last diagnostics (every `train.log_every` steps, rank 0's batch).
+    #[serde(flatten)]
+    pub diagnostics: Option<Diagnostics>,
 }
 
 pub struct TrainRequest {
@@ -174,15 +180,19 @@ impl RootOutputs {
     fn stepped(&mut self, report: &StepReport, log_every: u64) -> Result<()> {
         if log_every > 0 && report.step.is_multiple_of(log_every) {
             let m = &report.metrics;
-            self.events.scalars(
-                report.step,
-                &[
-                    ("train/loss".into(), m.loss),
-                    ("train/mean_log_reward".into(), m.mean_log_reward),
-                    ("train/steps_per_s".into(), report.steps_per_s),
-                    ("train/trajectories_per_s".into(), report.trajectories_per_s),
-                ],
-            )?;
+            let mut scalars = vec![
+                ("train/loss".into(), m.loss),
+                ("train/steps_per_s".into(), report.steps_per_s),
+                ("train/trajectories_per_s".into(), report.trajectories_per_s),
+            ];
+            if let Some(d) = &report.diagnostics {
+                scalars.extend(
+                    numeric_fields(&serde_json::to_value(d)?)
+                        .into_iter()
+                        .map(|(name, value)| (name.replacen("train_", "train/", 1), value)),
+                );
+            }
+            self.events.scalars(report.step, &scalars)?;
         }
         self.progress.step(
             report.step,
@@ -299,10 +309,6 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Outcome> {
         ),
     }
     .with_context(|| format!("training in {}", out.display()))?;
-    let time = CommunicationTime {
-        all_reduce: ranks.all_reduce,
-        rank_wait: ranks.rank_wait,
-    };
     if let Some(root) = &hooks.root {
         root.progress.finish();
     }
@@ -317,7 +323,7 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Outcome> {
     if !root {
         return Ok(Outcome::Finished(None));
     }
-    let summary = summarise(&state, &report, time, started, world, device_name, buffer);
+    let summary = summarise(&state, &report, started, world, device_name, buffer);
     std::fs::write(
         out.join(SUMMARY_FILE),
         serde_json::to_string_pretty(&summary)? + "\n",
@@ -325,29 +331,21 @@ pub fn train(request: TrainRequest, world: &mut World) -> Result<Outcome> {
     Ok(Outcome::Finished(Some(Box::new(summary))))
 }
 
-/// Collective time of the gradient reductions, for the summary.
-struct CommunicationTime {
-    all_reduce: Duration,
-    rank_wait: Duration,
-}
-
 fn summarise(
     state: &TrainState,
     report: &FitReport,
-    time: CommunicationTime,
     started: Instant,
     world: &World,
     device: String,
     buffer: Option<BufferSummary>,
 ) -> Summary {
     let steps_done = state.step - report.first_step;
-    let per_step_ms = |total: Duration| {
-        if steps_done > 0 {
-            1e3 * total.as_secs_f64() / steps_done as f64
-        } else {
-            0.0
-        }
-    };
+    let timing = state
+        .times
+        .fields(steps_done)
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::json!(v)))
+        .collect();
     Summary {
         env: state.env.describe(),
         loss: report.last.loss,
@@ -365,9 +363,10 @@ fn summarise(
         },
         ranks: world.world_size(),
         backend: world.comm.backend().to_string(),
-        all_reduce_ms_per_step: per_step_ms(time.all_reduce),
-        rank_wait_ms_per_step: per_step_ms(time.rank_wait),
         device,
+        timing,
+        phases: (state.times, steps_done),
+        diagnostics: report.last_diagnostics,
         buffer,
     }
 }
@@ -402,13 +401,14 @@ fn numeric_fields(line: &serde_json::Value) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// The summary as an aligned two-column table.
+/// The summary as an aligned two-column table, then the time per phase.
 pub fn summary_table(summary: &Summary) -> String {
     let value = serde_json::to_value(summary).expect("the summary serialises");
     let rows: Vec<(String, String)> = value
         .as_object()
         .expect("the summary is an object")
         .iter()
+        .filter(|(k, _)| !k.starts_with("time_"))
         .map(|(k, v)| {
             let shown = match v.as_f64() {
                 Some(x) if v.is_f64() => format!("{x:.6}"),
@@ -426,5 +426,6 @@ pub fn summary_table(summary: &Summary) -> String {
     for (k, v) in rows {
         out += &format!("{k:<width$}  {v}\n");
     }
-    out
+    let (phases, steps) = &summary.phases;
+    out + "\n" + &phases.table(*steps)
 }

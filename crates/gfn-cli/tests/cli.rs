@@ -137,6 +137,43 @@ fn a_run_writes_metrics_checkpoint_and_summary() {
     }
     assert_eq!(summary["steps"], 20);
     assert_eq!(summary["trajectories"], 320);
+    // Time per phase: every phase a one-rank run has took time, and they fit in the wall time.
+    let seconds = |phase: &str| summary[format!("time_{phase}_s")].as_f64().unwrap();
+    for phase in [
+        "sampling",
+        "loss",
+        "backward",
+        "optimizer",
+        "evaluation",
+        "checkpoint",
+    ] {
+        assert!(seconds(phase) > 0.0, "no time in {phase}: {summary}");
+        let per_step = summary[format!("time_{phase}_ms_per_step")]
+            .as_f64()
+            .unwrap();
+        assert!((per_step - 1e3 * seconds(phase) / 20.0).abs() < 1e-9);
+    }
+    // One rank: the local communicator's all-reduce returns at once, and nobody is waited for.
+    assert!(
+        seconds("all_reduce") < 1e-3 && seconds("rank_wait") == 0.0,
+        "{summary}"
+    );
+    let phases: f64 = [
+        "sampling",
+        "loss",
+        "backward",
+        "optimizer",
+        "evaluation",
+        "checkpoint",
+    ]
+    .iter()
+    .map(|p| seconds(p))
+    .sum();
+    assert!(phases <= summary["wall_s"].as_f64().unwrap(), "{summary}");
+    assert!(
+        stdout.contains("phase") && stdout.contains("ms/step") && !stdout.contains("time_loss_s"),
+        "{stdout}"
+    );
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(
         lines.lines().count(),

@@ -226,6 +226,7 @@ fn config(seed: u64) -> TrainConfig {
         exact_samples: 20_000,
         max_nonfinite_steps: 0,
         memory_budget: None,
+        diagnostics_every: 0,
         metrics: MetricsConfig::default(),
     }
 }

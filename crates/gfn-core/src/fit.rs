@@ -10,7 +10,7 @@
 //! - [`Hooks`]: progress, logging and metrics files, and stop requests (the binary's).
 
 use crate::checkpoint::{self, RunIdentity};
-use crate::train::{Evaluation, NoReduction, StepMetrics, TrainState};
+use crate::train::{Diagnostics, Evaluation, NoReduction, StepMetrics, TrainState};
 use crate::trajectories::Trajectories;
 use crate::{Error, Result};
 use std::path::PathBuf;
@@ -100,6 +100,8 @@ pub struct StepReport {
     pub trajectories_per_s: f64,
     /// At an evaluation, `loss` is the mean over the ranks.
     pub metrics: StepMetrics,
+    /// Every `TrainConfig::diagnostics_every` steps: this rank's fresh batch under the policy.
+    pub diagnostics: Option<Diagnostics>,
 }
 
 /// The binary's part of the loop. Every method has a default that does nothing.
@@ -165,6 +167,7 @@ pub struct FitReport {
     pub last: StepMetrics,
     /// Rank 0, finished: the last evaluation (made at the end if none was due).
     pub last_eval: Option<Evaluation>,
+    pub last_diagnostics: Option<Diagnostics>,
 }
 
 /// Restores `state` from the checkpoint at `path` on every rank, refusing one of another run
@@ -207,6 +210,7 @@ pub fn fit(
         train_s: 0.0,
         last: StepMetrics::before_training(state.epsilon()),
         last_eval: None,
+        last_diagnostics: None,
     };
     let due = |every: u64, step: u64| every > 0 && step.is_multiple_of(every);
     while state.step < schedule.steps {
@@ -216,16 +220,25 @@ pub fn fit(
             return Ok(report);
         }
         let started = Instant::now();
-        let (batch, _) = state.sample_batch_with(source)?;
+        let (batch, fresh) = state.sample_batch_with(source)?;
+        state.times.sampling += started.elapsed();
         report.last = ranks.update(state, &batch)?;
         report.train_s += started.elapsed().as_secs_f64();
         let last_step = state.step == schedule.steps;
+        let diagnose = due(state.config.diagnostics_every, state.step);
+        if diagnose {
+            report.last_diagnostics =
+                Some(state.diagnostics(&batch.subset(0..fresh), &report.last));
+        }
         let mut step = step_report(state, ranks.world_size(), &report);
+        step.diagnostics = report.last_diagnostics.filter(|_| diagnose);
         if due(schedule.evaluate_every, state.step) || last_step {
             step.metrics.loss = mean_loss(state, ranks, report.last.loss)?;
             report.last.loss = step.metrics.loss;
             if root {
+                let started = Instant::now();
                 let eval = state.evaluate()?;
+                state.times.evaluation += started.elapsed();
                 hooks.after_evaluation(state, &step, &eval)?;
                 report.last_eval = Some(eval);
             }
@@ -256,6 +269,7 @@ fn step_report(state: &TrainState, world_size: usize, report: &FitReport) -> Ste
         // Every rank samples one fresh batch per step.
         trajectories_per_s: steps_per_s * (state.config.batch_size * world_size) as f64,
         metrics: report.last,
+        diagnostics: None,
     }
 }
 
@@ -271,6 +285,7 @@ fn save(
     let Some(target) = &schedule.checkpoint else {
         return Ok(());
     };
+    let started = Instant::now();
     source.before_checkpoint();
     // Ranks that shared the update out hold current moments for their share only.
     ranks.gather_optimizer_state(state)?;
@@ -278,7 +293,9 @@ fn save(
         source.checkpoint(state.step);
         checkpoint::save(state, &target.path, &target.identity)?;
     }
-    ranks.barrier()
+    ranks.barrier()?;
+    state.times.checkpoint += started.elapsed();
+    Ok(())
 }
 
 /// Whether every rank should stop before this step's update: a request reached this process

@@ -15,6 +15,7 @@
 //! - [`fit`]: the training loop over any number of ranks, with evaluation, checkpoint and
 //!   stop hooks.
 //! - [`parallel`], [`subnormals`]: the CPU threads of a rank, and their float mode.
+//! - [`timing`]: where a run's time goes, phase by phase.
 //! - [`bounds`]: what a configuration asks of memory and threads, checked before allocating.
 
 pub mod bounds;
@@ -32,6 +33,7 @@ pub mod params;
 pub mod replay;
 pub mod sampler;
 pub mod subnormals;
+pub mod timing;
 pub mod train;
 pub mod trajectories;
 pub mod truth;

@@ -47,6 +47,9 @@ pub struct OptimizerConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    /// Clip the mean gradient to this L2 norm before the step (torch's `clip_grad_norm_`);
+    /// 0: no clipping.
+    pub max_grad_norm: f64,
 }
 
 /// torchgfn's HyperGrid defaults: Adam, lr 1e-3, log Z lr 0.1, weight decay 1e-4.
@@ -60,6 +63,7 @@ impl Default for OptimizerConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
+            max_grad_norm: 0.0,
         }
     }
 }
@@ -74,6 +78,13 @@ impl OptimizerConfig {
             if !(value > 0.0 && value.is_finite()) {
                 return Err(Error::invalid(field, value, "must be > 0"));
             }
+        }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            return Err(Error::invalid(
+                "optim.max_grad_norm",
+                self.max_grad_norm,
+                "must be >= 0 (0: no clipping)",
+            ));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return Err(Error::invalid(
@@ -153,6 +164,19 @@ impl Adam {
         reduced: &ReducedGradient,
         pool: Option<&ThreadPool>,
     ) {
+        self.step_scaled(params, grad_sum, reduced, 1.0, pool)
+    }
+
+    /// [`Adam::step_on`] on the mean gradient times `scale` (gradient-norm clipping), folded
+    /// into the same pass.
+    pub fn step_scaled(
+        &mut self,
+        params: &mut ParamStore,
+        grad_sum: &Tensor,
+        reduced: &ReducedGradient,
+        scale: f64,
+        pool: Option<&ThreadPool>,
+    ) {
         assert!(
             reduced.share.end <= params.len(),
             "share {:?} of {} parameters",
@@ -160,7 +184,7 @@ impl Adam {
             params.len()
         );
         self.steps += 1;
-        let grad_scale = 1.0 / reduced.ranks.max(1) as f64;
+        let grad_scale = scale / reduced.ranks.max(1) as f64;
         let share = reduced.share.clone();
         if params.device() == Device::Cpu {
             self.step_fused_cpu(params, grad_sum, grad_scale, share, pool);
@@ -577,6 +601,7 @@ mod tests {
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
+                max_grad_norm: 0.0,
             };
             for fused in [true, false] {
                 let (mut params, w, log_z) = quadratic_params();

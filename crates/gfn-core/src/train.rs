@@ -3,10 +3,14 @@
 //! parallelism all-reduces the flat gradient; a single rank passes [`NoReduction`].
 
 use crate::bounds::{self, product, Demand};
-use crate::env::Environment;
-use crate::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
+use crate::env::{Environment, NO_ACTION};
+use crate::estimators::{
+    additive_mask, masked_log_softmax, Architecture, BackwardPolicy, EstimatorConfig, Estimators,
+};
 use crate::fit::{BatchSource, LocalReplay};
-use crate::losses::{estimated_log_z, loss_and_backward, pool_pays, LossConfig, LossKind};
+use crate::losses::{
+    estimated_log_z, loss_and_backward, pool_pays, trajectory_log_probs, LossConfig,
+};
 use crate::metrics::{EvalContext, MetricSet, MetricsConfig, Values};
 use crate::optim::{Adam, OptimizerConfig, ReducedGradient};
 use crate::parallel::{resolve_threads, training_pool, with_intra_op_threads, ThreadPool};
@@ -16,6 +20,7 @@ use crate::sampler::{
     sample_trajectories, sample_trajectories_parallel, EpsilonSchedule, Exploration,
 };
 use crate::subnormals::set_flush_on_this_thread;
+use crate::timing::PhaseTimes;
 use crate::trajectories::Trajectories;
 use crate::truth::GroundTruth;
 use crate::{Error, Result};
@@ -59,6 +64,9 @@ pub struct TrainConfig {
     /// Updates in a row that may be skipped for a non-finite loss or gradient before training
     /// stops with [`Error::NonFinite`]; 0 stops at the first.
     pub max_nonfinite_steps: u64,
+    /// Training diagnostics ([`TrainState::diagnostics`]) and the gradient norm every this
+    /// many steps (0: never; the norm is then measured only to clip it).
+    pub diagnostics_every: u64,
     /// Bytes this process may use; `None`: the memory available on the machine now. A run
     /// that would need more is refused before it allocates (see [`crate::bounds`]).
     pub memory_budget: Option<u64>,
@@ -166,31 +174,15 @@ impl TrainConfig {
 
     /// What the objective asks of the environment.
     fn validate_for(&self, env: &dyn Environment) -> Result<()> {
-        if self.loss.kind == LossKind::ModifiedDb && !env.exits_everywhere() {
-            return Err(Error::invalid(
-                "loss.name",
-                "modified_db",
-                format!(
-                    "needs an environment where every state can terminate, which {} is not",
-                    env.describe()
-                ),
-            ));
-        }
-        Ok(())
+        self.loss.objective().validate_for(env)
     }
 
     fn estimator_config(&self) -> EstimatorConfig {
-        let kind = self.loss.kind;
-        EstimatorConfig {
-            architecture: self.architecture,
-            backward: if kind.uses_backward_policy() {
-                self.backward
-            } else {
-                BackwardPolicy::Uniform
-            },
-            log_flow: kind.needs_log_flow(),
-            log_z: kind.needs_log_z(),
-        }
+        EstimatorConfig::for_objective(
+            self.architecture,
+            self.backward,
+            self.loss.objective().needs(),
+        )
     }
 }
 
@@ -210,6 +202,11 @@ pub trait GradientReducer {
     /// owns it to all ranks: the parameters after a step, the moments before a checkpoint.
     /// Nothing to do when every rank updates every element.
     fn gather_shares(&mut self, flat: &mut Tensor) -> Result<()>;
+    /// Sums one number over the ranks (the squared gradient norm of each rank's share). Only
+    /// reducers whose `reduce_sum` returns less than the whole gradient are asked.
+    fn sum_over_ranks(&mut self, value: f64) -> Result<f64> {
+        Ok(value)
+    }
 }
 
 /// Single rank: the gradient is used as it is.
@@ -233,9 +230,51 @@ impl StepMetrics {
             mean_log_reward: f64::NAN,
             mean_length: f64::NAN,
             epsilon,
+            grad_norm: f64::NAN,
             skipped: false,
         }
     }
+}
+
+/// What gfnx's baselines log every few steps, on one rank's fresh trajectories.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Diagnostics {
+    /// Mean entropy of P_F(·|s) over the states where the trajectories took an action.
+    #[serde(rename = "train_entropy")]
+    pub entropy: f64,
+    /// Mean of log P_B(τ|x) + log R(x) − log P_F(τ), a lower bound on log Z.
+    #[serde(rename = "train_elbo")]
+    pub elbo: f64,
+    #[serde(rename = "train_mean_reward")]
+    pub mean_reward: f64,
+    #[serde(rename = "train_mean_log_reward")]
+    pub mean_log_reward: f64,
+    /// States per trajectory, s0 and x included.
+    #[serde(rename = "train_mean_length")]
+    pub mean_length: f64,
+    /// L2 norm of the step's mean gradient before clipping.
+    #[serde(rename = "train_grad_norm")]
+    pub grad_norm: f64,
+}
+
+/// L2 norm of the mean gradient over the ranks (what clipping compares), from each rank's
+/// share of the sum.
+fn mean_gradient_norm(
+    grad_sum: &Tensor,
+    reduced: &ReducedGradient,
+    reducer: &mut dyn GradientReducer,
+) -> Result<f64> {
+    let share = &reduced.share;
+    let squares = grad_sum
+        .narrow(0, share.start as i64, share.len() as i64)
+        .square()
+        .sum(tch::Kind::Double)
+        .double_value(&[]);
+    let total = match share.len() == grad_sum.numel() {
+        true => squares,
+        false => reducer.sum_over_ranks(squares)?,
+    };
+    Ok(total.sqrt() / reduced.ranks.max(1) as f64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -246,6 +285,11 @@ pub struct StepMetrics {
     pub mean_log_reward: f64,
     pub mean_length: f64,
     pub epsilon: f64,
+    /// L2 norm of the mean gradient before clipping; NaN when the update was skipped or the
+    /// step measured none (see [`TrainConfig::diagnostics_every`]). Reported through
+    /// [`Diagnostics`].
+    #[serde(skip)]
+    pub grad_norm: f64,
     /// The update was skipped for a non-finite loss or gradient.
     #[serde(skip)]
     pub skipped: bool,
@@ -305,6 +349,8 @@ pub struct TrainState {
     /// Updates skipped in a row for a non-finite loss or gradient (see
     /// [`TrainConfig::max_nonfinite_steps`]).
     pub nonfinite_in_a_row: u64,
+    /// Time spent in each phase since this state was built (not checkpointed).
+    pub times: PhaseTimes,
     /// Helper threads for rollouts, the update and Adam (CPU, several threads, where
     /// [`pool_pays`]); see [`crate::parallel`].
     pool: Option<ThreadPool>,
@@ -380,6 +426,7 @@ impl TrainState {
             no_truth,
             metrics,
             nonfinite_in_a_row: 0,
+            times: PhaseTimes::default(),
             pool,
             threads,
         })
@@ -457,14 +504,16 @@ impl TrainState {
         reducer: &mut dyn GradientReducer,
     ) -> Result<StepMetrics> {
         self.estimators.params.zero_grad();
-        let loss = loss_and_backward(
+        let done = loss_and_backward(
             &self.config.loss,
             self.env.as_ref(),
             &mut self.estimators,
             batch,
             self.pool.as_ref(),
-        )
-        .double_value(&[]);
+        );
+        let loss = done.loss.double_value(&[]);
+        self.times.loss += done.forward;
+        self.times.backward += done.backward;
         let mut grad = self.estimators.params.grad();
         let finite_here = loss.is_finite() && all_below(&grad, GRADIENT_LIMIT);
         if !finite_here {
@@ -475,14 +524,27 @@ impl TrainState {
         let reduced = reducer.reduce_sum(&mut grad)?;
         let finite_everywhere = grad.double_value(&[reduced.share.start as i64]).is_finite();
         self.step += 1;
+        let mut grad_norm = f64::NAN;
         if finite_everywhere {
             self.nonfinite_in_a_row = 0;
-            self.optimizer.step_on(
+            let max = self.config.optimizer.max_grad_norm;
+            let every = self.config.diagnostics_every;
+            if max > 0.0 || (every > 0 && self.step.is_multiple_of(every)) {
+                grad_norm = mean_gradient_norm(&grad, &reduced, reducer)?;
+            }
+            let scale = match max > 0.0 && grad_norm > max {
+                true => max / (grad_norm + 1e-6),
+                false => 1.0,
+            };
+            let started = std::time::Instant::now();
+            self.optimizer.step_scaled(
                 &mut self.estimators.params,
                 &grad,
                 &reduced,
+                scale,
                 self.pool.as_ref(),
             );
+            self.times.optimizer += started.elapsed();
             reducer.gather_shares(&mut self.estimators.params.flat().shallow_clone())?;
             if !all_finite(self.estimators.params.flat()) {
                 return Err(self.nonfinite("a parameter became non-finite in the update"));
@@ -511,6 +573,7 @@ impl TrainState {
                 / batch.len() as f64,
             mean_length: batch.n_states() as f64 / batch.len() as f64,
             epsilon: self.epsilon(),
+            grad_norm,
             skipped: !finite_everywhere,
         })
     }
@@ -530,6 +593,53 @@ impl TrainState {
             reducer.gather_shares(moment)?;
         }
         Ok(())
+    }
+
+    /// [`Diagnostics`] of `batch` under the current policy (no autograd), with the gradient
+    /// norm of the update `metrics` reports.
+    pub fn diagnostics(&self, batch: &Trajectories, metrics: &StepMetrics) -> Diagnostics {
+        let env = self.env.as_ref();
+        let n = batch.len().max(1) as f64;
+        let mean = |values: &mut dyn Iterator<Item = f64>| values.sum::<f64>() / n;
+        let (log_pf, log_pb) = trajectory_log_probs(env, &self.estimators, batch);
+        let rewards = &batch.log_rewards;
+        Diagnostics {
+            entropy: self.policy_entropy(batch),
+            elbo: mean(&mut (0..batch.len()).map(|b| log_pb[b] + rewards[b] as f64 - log_pf[b])),
+            mean_reward: mean(&mut rewards.iter().map(|&r| (r as f64).exp())),
+            mean_log_reward: mean(&mut rewards.iter().map(|&r| r as f64)),
+            mean_length: batch.n_states() as f64 / n,
+            grad_norm: metrics.grad_norm,
+        }
+    }
+
+    /// Mean entropy of P_F over the states of `batch` that took an action.
+    fn policy_entropy(&self, batch: &Trajectories) -> f64 {
+        let env = self.env.as_ref();
+        let acting: Vec<usize> = (0..batch.n_states())
+            .filter(|&i| batch.actions[i] != NO_ACTION)
+            .collect();
+        if acting.is_empty() {
+            return f64::NAN;
+        }
+        let states: Vec<i64> = acting
+            .iter()
+            .flat_map(|&i| batch.state(i).to_vec())
+            .collect();
+        let n_actions = env.n_actions();
+        let mut masks = vec![false; acting.len() * n_actions];
+        env.forward_masks(&states, &mut masks);
+        tch::no_grad(|| {
+            let device = self.estimators.device();
+            let logits = self
+                .estimators
+                .pf_logits_no_grad(&self.estimators.input(env, &states));
+            let log_p = masked_log_softmax(&logits, &additive_mask(&masks, n_actions, device));
+            let plogp = (log_p.exp() * &log_p)
+                .sum(tch::Kind::Double)
+                .double_value(&[]);
+            -plogp / acting.len() as f64
+        })
     }
 
     /// Sample a batch and update on it.
@@ -565,9 +675,11 @@ impl TrainState {
             None => metrics.compute(&mut ctx),
         }?;
         let mut values = Values::new();
-        if let Some(log_z) =
-            estimated_log_z(self.config.loss.kind, self.env.as_ref(), &self.estimators)
-        {
+        if let Some(log_z) = estimated_log_z(
+            self.config.loss.objective(),
+            self.env.as_ref(),
+            &self.estimators,
+        ) {
             values.push(("log_z".into(), log_z));
         }
         values.extend(computed);
@@ -612,6 +724,7 @@ mod tests {
                 exact_samples: 1000,
                 max_nonfinite_steps: 0,
                 memory_budget: None,
+                diagnostics_every: 0,
                 metrics: MetricsConfig::default(),
             };
             let env = HyperGrid::new(HyperGridConfig::new(2, 4, RewardPreset::Standard)).unwrap();

@@ -6,7 +6,9 @@ mod common;
 use common::{grid, has_param, optimal_flows, set_param, small_bitseq};
 use gfn_core::env::{BitSeq, BitSeqAppend, Environment};
 use gfn_core::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
-use gfn_core::losses::{compute_loss, estimated_log_z, LossConfig, LossKind, SubTbWeighting};
+use gfn_core::losses::{
+    compute_loss, estimated_log_z, LossConfig, LossKind, SubTbWeighting, SubTrajectoryBalance,
+};
 use gfn_core::sampler::{sample_trajectories, Exploration};
 use gfn_core::truth::GroundTruth;
 use rand::{Rng, SeedableRng};
@@ -14,17 +16,12 @@ use rand_chacha::ChaCha8Rng;
 use tch::Device;
 
 fn optimal_estimators(env: &dyn Environment, kind: LossKind) -> Estimators {
-    let backward = if kind.uses_backward_policy() {
-        BackwardPolicy::Learned
-    } else {
-        BackwardPolicy::Uniform
-    };
-    let config = EstimatorConfig {
-        architecture: Architecture::Tabular,
-        backward,
-        log_flow: kind.needs_log_flow(),
-        log_z: kind.needs_log_z(),
-    };
+    let config = EstimatorConfig::for_objective(
+        Architecture::Tabular,
+        BackwardPolicy::Learned,
+        LossConfig::new(kind).objective().needs(),
+    );
+    let backward = config.backward;
     let mut est =
         Estimators::new(env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
     // A deliberately non-uniform backward policy, when one is learned.
@@ -102,27 +99,30 @@ fn check_every_loss_at_the_optimum(env: &dyn Environment, kinds: &[LossKind]) {
         SubTbWeighting::Db,
     ] {
         configs.push(LossConfig {
-            subtb_weighting: weighting,
+            subtb: SubTrajectoryBalance {
+                weighting,
+                ..Default::default()
+            },
             ..LossConfig::new(LossKind::Subtb)
         });
     }
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for config in configs {
         let case = format!("{}: {config:?}", env.describe());
-        let mut est = optimal_estimators(env, config.kind);
+        let mut est = optimal_estimators(env, config.name);
         let at_optimum = loss_on_explored_batch(env, &est, &config);
         assert!(
             at_optimum < 1e-8,
             "{case}: loss {at_optimum:e} at the optimum"
         );
-        match estimated_log_z(config.kind, env, &est) {
+        match estimated_log_z(config.objective(), env, &est) {
             Some(log_z) => assert!(
                 (log_z - truth.log_z).abs() < 1e-4,
                 "{case}: log Z {log_z} vs {}",
                 truth.log_z
             ),
             None => assert!(
-                config.kind == LossKind::Zvar && !env.exits_everywhere(),
+                config.name == LossKind::Zvar && !env.exits_everywhere(),
                 "{case}: no log Z estimate"
             ),
         }

@@ -33,16 +33,11 @@ fn estimators(
     architecture: Architecture,
     backward: BackwardPolicy,
 ) -> Estimators {
-    let config = EstimatorConfig {
+    let config = EstimatorConfig::for_objective(
         architecture,
-        backward: if kind.uses_backward_policy() {
-            backward
-        } else {
-            BackwardPolicy::Uniform
-        },
-        log_flow: kind.needs_log_flow(),
-        log_z: kind.needs_log_z(),
-    };
+        backward,
+        LossConfig::new(kind).objective().needs(),
+    );
     let mut est =
         Estimators::new(env, config, Device::Cpu, &mut ChaCha8Rng::seed_from_u64(5)).unwrap();
     // Tables start at zero; spread them so that every output matters.
@@ -62,7 +57,7 @@ fn loss_and_gradient(
 ) -> (f64, Vec<f32>) {
     let pool = training_pool(threads);
     est.params.zero_grad();
-    let loss = loss_and_backward(config, env, est, batch, pool.as_ref());
+    let loss = loss_and_backward(config, env, est, batch, pool.as_ref()).loss;
     (
         loss.double_value(&[]),
         Vec::<f32>::try_from(est.params.grad()).unwrap(),
@@ -82,7 +77,7 @@ fn split_backward_gives_the_one_thread_loss_and_gradients() {
     let mut split_cases = 0;
     for architecture in architectures {
         for backward in backwards {
-            for kind in LossKind::ALL {
+            for &kind in LossKind::ALL {
                 let mut est = estimators(&env, kind, architecture, backward);
                 let batch = sample_trajectories(
                     &env,

@@ -42,6 +42,7 @@ fn config(kind: LossKind) -> TrainConfig {
         exact_samples: 10_000,
         max_nonfinite_steps: 0,
         memory_budget: None,
+        diagnostics_every: 0,
         metrics: MetricsConfig::default(),
     }
 }

@@ -167,7 +167,7 @@ impl Communicator for Fallbacks<'_> {
     }
 }
 
-fn state(kind: LossKind, stream: u64) -> TrainState {
+fn state(kind: LossKind, max_grad_norm: f64, stream: u64) -> TrainState {
     let config = TrainConfig {
         architecture: Architecture::Mlp {
             hidden: 32,
@@ -175,7 +175,10 @@ fn state(kind: LossKind, stream: u64) -> TrainState {
         },
         backward: BackwardPolicy::Learned,
         loss: LossConfig::new(kind),
-        optimizer: OptimizerConfig::default(),
+        optimizer: OptimizerConfig {
+            max_grad_norm,
+            ..OptimizerConfig::default()
+        },
         batch_size: 8,
         epsilon: EpsilonSchedule {
             start: 0.1,
@@ -193,6 +196,7 @@ fn state(kind: LossKind, stream: u64) -> TrainState {
         exact_samples: 1000,
         max_nonfinite_steps: 0,
         memory_budget: None,
+        diagnostics_every: 0,
         metrics: MetricsConfig::default(),
     };
     let env = HyperGrid::new(HyperGridConfig::new(2, 6, RewardPreset::Standard)).unwrap();
@@ -215,7 +219,14 @@ fn main() {
     // TB and SubTB (geometric_within) average over trajectories, so the mean of two ranks' losses
     // is the loss on the union. DB averages over transitions, whose count differs per rank: there
     // the union step is not the averaged step, by design (as in torchgfn's DDP).
-    for kind in [LossKind::Tb, LossKind::Subtb] {
+    // With clipping (a norm far below TB's first gradients) the ranks clip the mean gradient
+    // by its norm, summed from their shares where the update is shared out.
+    for (kind, clip) in [
+        (LossKind::Tb, 0.0),
+        (LossKind::Subtb, 0.0),
+        (LossKind::Tb, 0.05),
+    ] {
+        let state = |kind, stream| state(kind, clip, stream);
         let mut ddp = state(kind, rank as u64);
         let mut params = ddp.estimators.params.flat().shallow_clone();
         world.comm.broadcast(&mut params, 0).unwrap();
@@ -229,10 +240,18 @@ fn main() {
         let mut union = batches[0].clone();
         batches[1..].iter().for_each(|batch| union.extend(batch));
 
-        ddp.update(&mine, &mut AllReduceGradients::new(world.comm.as_mut()))
+        let ours = ddp
+            .update(&mine, &mut AllReduceGradients::new(world.comm.as_mut()))
             .unwrap();
         let mut single = state(kind, 0);
-        single.update(&union, &mut NoReduction).unwrap();
+        let theirs = single.update(&union, &mut NoReduction).unwrap();
+        if clip > 0.0 {
+            let (a, b) = (ours.grad_norm, theirs.grad_norm);
+            assert!(
+                b > clip && (a - b).abs() < 1e-4 * b,
+                "{kind:?}: gradient norm {a} vs {b}"
+            );
+        }
         let diff = ddp
             .estimators
             .params
@@ -248,7 +267,11 @@ fn main() {
 
         // A twin trained on the same batches with the whole update on every rank: the shared
         // out update (where the communicator shards) must give the same bits, and so must its
-        // moments once gathered.
+        // moments once gathered. (Not with clipping: the norm summed from shares may differ from
+        // the whole one in its last bits.)
+        if clip > 0.0 {
+            continue;
+        }
         let mut twin = state(kind, rank as u64);
         let (first, _) = twin.sample_batch().unwrap();
         twin.update(&first, &mut WholeUpdate(world.comm.as_mut()))

@@ -1,31 +1,22 @@
 //! The training loop's view of the ranks ([`gfn_core::fit::Ranks`]) over a communicator: the
 //! update with the gradient reduced ([`AllReduceGradients`]), and the small collectives the
-//! loop uses to agree on stops and merge evaluations. Records the time spent in the gradient
-//! collectives for the summary.
+//! loop uses to agree on stops and merge evaluations. The time spent in the gradient
+//! collectives goes into the state's phase times.
 
 use crate::comm::{all_gather_bytes, sum_over_ranks, Communicator};
 use crate::reducer::{collective, AllReduceGradients};
 use gfn_core::fit::Ranks;
 use gfn_core::train::{StepMetrics, TrainState};
 use gfn_core::trajectories::Trajectories;
-use std::time::Duration;
 use tch::Device;
 
 pub struct DataParallel<'a> {
     pub comm: &'a mut dyn Communicator,
-    /// The gradient collectives themselves.
-    pub all_reduce: Duration,
-    /// Waiting, before them, for the rank with the longest trajectories.
-    pub rank_wait: Duration,
 }
 
 impl<'a> DataParallel<'a> {
     pub fn new(comm: &'a mut dyn Communicator) -> Self {
-        DataParallel {
-            comm,
-            all_reduce: Duration::ZERO,
-            rank_wait: Duration::ZERO,
-        }
+        DataParallel { comm }
     }
 }
 
@@ -44,10 +35,10 @@ impl Ranks for DataParallel<'_> {
         batch: &Trajectories,
     ) -> gfn_core::Result<StepMetrics> {
         let mut reducer = AllReduceGradients::new(&mut *self.comm);
-        let metrics = state.update(batch, &mut reducer)?;
-        self.all_reduce += reducer.elapsed;
-        self.rank_wait += reducer.waited;
-        Ok(metrics)
+        let metrics = state.update(batch, &mut reducer);
+        state.times.all_reduce += reducer.elapsed;
+        state.times.rank_wait += reducer.waited;
+        metrics
     }
 
     fn gather_optimizer_state(&mut self, state: &mut TrainState) -> gfn_core::Result<()> {

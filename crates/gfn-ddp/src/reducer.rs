@@ -60,6 +60,16 @@ impl GradientReducer for AllReduceGradients<'_> {
         Ok(ReducedGradient { ranks, share })
     }
 
+    fn sum_over_ranks(&mut self, value: f64) -> gfn_core::Result<f64> {
+        let start = Instant::now();
+        let mut buffer = Tensor::from_slice(&[value as f32]);
+        self.comm
+            .all_reduce(&mut buffer, ReduceOp::Sum)
+            .map_err(collective)?;
+        self.elapsed += start.elapsed();
+        Ok(buffer.double_value(&[0]))
+    }
+
     fn gather_shares(&mut self, flat: &mut Tensor) -> gfn_core::Result<()> {
         if self.comm.shards() {
             let start = Instant::now();

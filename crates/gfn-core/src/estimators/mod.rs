@@ -51,6 +51,27 @@ pub struct EstimatorConfig {
     pub log_z: bool,
 }
 
+impl EstimatorConfig {
+    /// The estimators an objective needs: log F and log Z where it learns them, and
+    /// `backward` where it has a backward policy (else none to learn).
+    pub fn for_objective(
+        architecture: Architecture,
+        backward: BackwardPolicy,
+        needs: crate::losses::Needs,
+    ) -> Self {
+        EstimatorConfig {
+            architecture,
+            backward: if needs.backward_policy {
+                backward
+            } else {
+                BackwardPolicy::Uniform
+            },
+            log_flow: needs.log_flow,
+            log_z: needs.log_z,
+        }
+    }
+}
+
 /// The network outputs a loss or sampler asked for, one row per input state.
 #[derive(Default)]
 pub struct Outputs {

@@ -1,22 +1,49 @@
-use super::host_tensor;
-use crate::env::{exit_action, Environment};
-use crate::estimators::{additive_mask, Estimators, Wanted, MASKED_LOGIT};
-use crate::params::ParamViews;
-use crate::trajectories::Trajectories;
+use super::{host_tensor, Form, LogZEstimate, LossContext, Needs, Objective, TrajectoryLoss};
+use crate::env::exit_action;
+use crate::estimators::{additive_mask, Wanted, MASKED_LOGIT};
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+
+/// Flow matching (Bengio et al., 2021). No settings of its own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowMatching {}
+
+impl Objective for FlowMatching {
+    /// It parametrises edge flows only: no backward policy, no log F, no log Z.
+    fn needs(&self) -> Needs {
+        Needs::default()
+    }
+
+    fn form(&self) -> Form<'_> {
+        Form::Trajectories(self)
+    }
+
+    fn log_z_estimate(&self) -> LogZEstimate {
+        LogZEstimate::OutflowOfInitial
+    }
+}
+
+impl TrajectoryLoss for FlowMatching {
+    fn loss(&self, ctx: &LossContext) -> Tensor {
+        flow_matching(ctx)
+    }
+}
 
 /// Flow matching with the forward head read as log edge flows log F(s → s') (the exit edge's
 /// flow is the reward): for every non-initial state s of the batch,
-/// (log Σ_parents F(p → s) − log Σ_children F(s → c))², plus the reward matching term
-/// (log F(x → exit) − log R(x))² at terminal states. Without an exit action, a complete x
+/// g(log Σ_parents F(p → s) − log Σ_children F(s → c)), plus the reward matching term
+/// g(log F(x → exit) − log R(x)) at terminal states. Without an exit action, a complete x
 /// has no children and its outflow is R(x) itself.
-pub fn flow_matching(
-    env: &dyn Environment,
-    estimators: &Estimators,
-    p: &ParamViews,
-    batch: &Trajectories,
-    clip_min: f32,
-) -> Tensor {
+pub fn flow_matching(ctx: &LossContext) -> Tensor {
+    let LossContext {
+        env,
+        estimators,
+        p,
+        batch,
+        clip_min,
+        residuals,
+    } = *ctx;
     let device = estimators.device();
     let (n_actions, n_back) = (env.n_actions(), env.n_backward_actions());
     let s = batch.n_states();
@@ -72,7 +99,10 @@ pub fn flow_matching(
     let (out_flow, rm) = match exit_action(env) {
         Some(exit) => {
             let exit_flow = logits.index_select(0, &last).select(1, exit as i64);
-            (out_flow, (exit_flow - log_r).square().mean(Kind::Float))
+            (
+                out_flow,
+                residuals.loss(&(exit_flow - log_r)).mean(Kind::Float),
+            )
         }
         None => (
             out_flow.index_copy(0, &last, &log_r),
@@ -97,8 +127,8 @@ pub fn flow_matching(
         .index_select(0, &host_tensor(&parent_slots, device))
         .view([children.len() as i64, n_back as i64])
         .logsumexp([1i64].as_slice(), false);
-    let fm = (in_flow - out_flow.index_select(0, &host_tensor(&children, device)))
-        .square()
+    let fm = residuals
+        .loss(&(in_flow - out_flow.index_select(0, &host_tensor(&children, device))))
         .mean(Kind::Float);
     fm + rm
 }

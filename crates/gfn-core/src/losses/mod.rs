@@ -6,16 +6,18 @@
 mod db;
 mod fm;
 mod modified_db;
+mod regression;
 mod subtb;
 mod tb;
 mod zvar;
 
-pub use db::detailed_balance;
-pub use fm::flow_matching;
-pub use modified_db::modified_detailed_balance;
-pub use subtb::{sub_trajectory_balance, subtb_weights, SubTbWeighting};
-pub use tb::trajectory_balance;
-pub use zvar::log_partition_variance;
+pub use db::DetailedBalance;
+pub use fm::{flow_matching, FlowMatching};
+pub use modified_db::ModifiedDetailedBalance;
+pub use regression::{Regression, Residuals};
+pub use subtb::{sub_trajectory_balance, subtb_weights, SubTbWeighting, SubTrajectoryBalance};
+pub use tb::TrajectoryBalance;
+pub use zvar::LogPartitionVariance;
 
 use crate::env::{exit_action, Environment, NO_ACTION};
 use crate::estimators::{additive_mask, masked_log_softmax, Estimators, Wanted};
@@ -27,62 +29,166 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossKind {
-    /// Trajectory balance (Malkin et al., 2022).
-    Tb,
-    /// Detailed balance (Bengio et al., 2023).
-    Db,
-    /// Sub-trajectory balance (Madan et al., 2023).
-    Subtb,
-    /// Flow matching (Bengio et al., 2021).
-    Fm,
-    /// Log-partition variance (Zhang et al., 2023).
-    Zvar,
-    /// Modified detailed balance for environments where every state terminates (Deleu et al., 2022).
-    ModifiedDb,
+/// What an objective asks of the estimators and of a prepared batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Needs {
+    pub log_flow: bool,
+    pub log_z: bool,
+    /// A backward policy (learned, tied or uniform); flow matching has none.
+    pub backward_policy: bool,
+    /// log R(s) of every state, not only of each trajectory's x.
+    pub state_log_rewards: bool,
 }
 
-impl LossKind {
-    pub const NAMES: &'static str = "tb, db, subtb, fm, zvar, modified_db";
-    pub const ALL: [LossKind; 6] = [
-        LossKind::Tb,
-        LossKind::Db,
-        LossKind::Subtb,
-        LossKind::Fm,
-        LossKind::Zvar,
-        LossKind::ModifiedDb,
-    ];
-
-    pub fn needs_log_flow(self) -> bool {
-        matches!(self, LossKind::Db | LossKind::Subtb)
-    }
-    pub fn needs_log_z(self) -> bool {
-        matches!(self, LossKind::Tb)
-    }
-    /// Flow matching parametrises edge flows only; it has no backward policy.
-    pub fn uses_backward_policy(self) -> bool {
-        !matches!(self, LossKind::Fm)
-    }
+/// How an objective's learned quantities estimate log Z (see [`estimated_log_z`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogZEstimate {
+    /// The log Z parameter.
+    Parameter,
+    /// The learned log F(s0).
+    InitialFlow,
+    /// The total edge flow out of s0.
+    OutflowOfInitial,
+    /// log R(s0) − log P_F(exit | s0), where every state can exit.
+    ExitAtInitial,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LossConfig {
-    pub kind: LossKind,
-    /// Lower clip of log-rewards inside the losses (torchgfn's `log_reward_clip_min`).
-    pub log_reward_clip_min: f32,
-    pub subtb_lambda: f64,
-    pub subtb_weighting: SubTbWeighting,
+/// How an objective reads the networks.
+pub enum Form<'a> {
+    /// From per-state outputs (log P_F, log P_B, log F, log Z) of one batched forward over
+    /// the batch's distinct states, which the thread pool may split.
+    PerState(&'a dyn PerStateLoss),
+    /// From the trajectories themselves (flow matching evaluates every parent's edge flows).
+    Trajectories(&'a dyn TrajectoryLoss),
+}
+
+/// A GFlowNet objective: one type in its own file, whose fields are its own `[loss.<name>]`
+/// settings, registered by one line in the list below.
+pub trait Objective: Send + Sync {
+    fn needs(&self) -> Needs;
+    /// Checks the objective's own settings, naming the bad one.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Refuses environments the objective cannot train on.
+    fn validate_for(&self, _env: &dyn Environment) -> Result<()> {
+        Ok(())
+    }
+    fn form(&self) -> Form<'_>;
+    /// Elements of the loss's own tensor ops for a batch (for [`pool_pays`]).
+    fn loss_elements(&self, trajectories: usize, max_length: usize) -> usize {
+        trajectories * max_length
+    }
+    fn log_z_estimate(&self) -> LogZEstimate;
+}
+
+pub trait PerStateLoss {
+    /// The loss from the networks' outputs on a prepared batch, each residual through
+    /// `residuals`.
+    fn loss(&self, ev: &Evaluated, batch: &PreparedBatch, residuals: Residuals) -> Tensor;
+}
+
+/// Everything a [`TrajectoryLoss`] evaluates its own networks from.
+#[derive(Clone, Copy)]
+pub struct LossContext<'a> {
+    pub env: &'a dyn Environment,
+    pub estimators: &'a Estimators,
+    pub p: &'a ParamViews,
+    pub batch: &'a Trajectories,
+    pub clip_min: f32,
+    pub residuals: Residuals,
+}
+
+pub trait TrajectoryLoss {
+    fn loss(&self, ctx: &LossContext) -> Tensor;
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// The one list of objectives: `Variant(type) = key`, where `key` is both `loss.name` and the
+/// objective's settings section `[loss.key]`.
+macro_rules! objectives {
+    ($($variant:ident($objective:ty) = $key:ident),+ $(,)?) => {
+        /// The objectives `loss.name` accepts.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum LossKind {
+            $($variant,)+
+        }
+
+        impl LossKind {
+            pub const ALL: &'static [LossKind] = &[$(LossKind::$variant,)+];
+
+            /// The names, as `loss.name` spells them.
+            pub fn names() -> String {
+                [$(stringify!($key),)+].join(", ")
+            }
+        }
+
+        /// `[loss]`: the objective (`name`), what every objective shares, and each objective's
+        /// own settings (`[loss.subtb]`).
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct LossConfig {
+            pub name: LossKind,
+            /// Lower clip of log-rewards inside the losses (torchgfn's `log_reward_clip_min`).
+            pub log_reward_clip_min: f32,
+            /// g applied to every balance residual (torchgfn's `loss_fn`).
+            pub regression: Regression,
+            /// α of `regression = "linex"`.
+            pub linex_alpha: f64,
+            $(
+                #[serde(skip_serializing_if = "is_default")]
+                pub $key: $objective,
+            )+
+        }
+
+        impl Default for LossConfig {
+            fn default() -> Self {
+                LossConfig {
+                    name: LossKind::Tb,
+                    log_reward_clip_min: f32::NEG_INFINITY,
+                    regression: Regression::Squared,
+                    linex_alpha: 1.0,
+                    $($key: <$objective>::default(),)+
+                }
+            }
+        }
+
+        impl LossConfig {
+            /// The objective `name` picks, with its settings.
+            pub fn objective(&self) -> &dyn Objective {
+                match self.name {
+                    $(LossKind::$variant => &self.$key,)+
+                }
+            }
+        }
+    };
+}
+
+objectives! {
+    Tb(TrajectoryBalance) = tb,
+    Db(DetailedBalance) = db,
+    Subtb(SubTrajectoryBalance) = subtb,
+    Fm(FlowMatching) = fm,
+    Zvar(LogPartitionVariance) = zvar,
+    ModifiedDb(ModifiedDetailedBalance) = modified_db,
 }
 
 impl LossConfig {
-    pub fn new(kind: LossKind) -> Self {
+    pub fn new(name: LossKind) -> Self {
         LossConfig {
-            kind,
-            log_reward_clip_min: f32::NEG_INFINITY,
-            subtb_lambda: 0.9,
-            subtb_weighting: SubTbWeighting::GeometricWithin,
+            name,
+            ..LossConfig::default()
+        }
+    }
+
+    pub fn residuals(&self) -> Residuals {
+        Residuals {
+            regression: self.regression,
+            linex_alpha: self.linex_alpha,
         }
     }
 
@@ -94,14 +200,8 @@ impl LossConfig {
                 "must be a number",
             ));
         }
-        if !(self.subtb_lambda > 0.0 && self.subtb_lambda.is_finite()) {
-            return Err(Error::invalid(
-                "loss.subtb_lambda",
-                self.subtb_lambda,
-                "must be > 0",
-            ));
-        }
-        Ok(())
+        self.regression.validate(self.linex_alpha)?;
+        self.objective().validate()
     }
 }
 
@@ -118,7 +218,7 @@ impl BatchNeeds {
     pub fn of(config: &LossConfig) -> Self {
         BatchNeeds {
             clip_min: config.log_reward_clip_min,
-            state_log_rewards: config.kind == LossKind::ModifiedDb,
+            state_log_rewards: config.objective().needs().state_log_rewards,
         }
     }
 }
@@ -469,7 +569,7 @@ pub fn trajectory_log_probs(
     })
 }
 
-/// The loss of `config.kind` on a batch of trajectories.
+/// The loss of `config`'s objective on a batch of trajectories.
 pub fn compute_loss(
     config: &LossConfig,
     env: &dyn Environment,
@@ -477,25 +577,22 @@ pub fn compute_loss(
     p: &ParamViews,
     batch: &Trajectories,
 ) -> Tensor {
-    if config.kind == LossKind::Fm {
-        return flow_matching(env, estimators, p, batch, config.log_reward_clip_min);
-    }
+    let per_state = match config.objective().form() {
+        Form::Trajectories(objective) => {
+            return objective.loss(&LossContext {
+                env,
+                estimators,
+                p,
+                batch,
+                clip_min: config.log_reward_clip_min,
+                residuals: config.residuals(),
+            })
+        }
+        Form::PerState(objective) => objective,
+    };
     let prepared = prepare(env, estimators, batch, BatchNeeds::of(config));
     let ev = evaluate(estimators, p, &prepared, exit_action(env));
-    loss_of(config, &ev, &prepared)
-}
-
-fn loss_of(config: &LossConfig, ev: &Evaluated, prepared: &PreparedBatch) -> Tensor {
-    match config.kind {
-        LossKind::Tb => trajectory_balance(ev, prepared),
-        LossKind::Db => detailed_balance(ev, prepared),
-        LossKind::Subtb => {
-            sub_trajectory_balance(ev, prepared, config.subtb_lambda, config.subtb_weighting)
-        }
-        LossKind::Zvar => log_partition_variance(ev, prepared),
-        LossKind::ModifiedDb => modified_detailed_balance(ev, prepared),
-        LossKind::Fm => unreachable!("flow matching evaluates its own edge flows"),
-    }
+    per_state.loss(&ev, &prepared, config.residuals())
 }
 
 /// Whether [`loss_and_backward`] on a pool of `threads` beats libtorch's own intra-op threads
@@ -514,10 +611,7 @@ pub fn pool_pays(
     trajectories: usize,
     max_length: usize,
 ) -> bool {
-    let loss_elements = match config.kind {
-        LossKind::Subtb => trajectories * (max_length + 1) * (max_length + 1),
-        _ => trajectories * max_length,
-    };
+    let loss_elements = config.objective().loss_elements(trajectories, max_length);
     let groups = estimators
         .independent_groups(estimators.all_outputs())
         .len();
@@ -534,6 +628,14 @@ enum Split {
     Rows(usize),
 }
 
+/// A loss with its backward pass done, and the time each took.
+pub struct Backward {
+    pub loss: Tensor,
+    /// The networks' forward pass and the loss.
+    pub forward: std::time::Duration,
+    pub backward: std::time::Duration,
+}
+
 /// [`compute_loss`] and its backward pass, which accumulates the gradients into the parameter
 /// leaves ([`ParamStore::grad`] sums them). With a thread pool the networks' forward and
 /// backward passes run on several threads, split by network where they share no parameters,
@@ -547,18 +649,28 @@ pub fn loss_and_backward(
     estimators: &mut Estimators,
     batch: &Trajectories,
     pool: Option<&ThreadPool>,
-) -> Tensor {
+) -> Backward {
+    let started = std::time::Instant::now();
     let groups = estimators.independent_groups(estimators.all_outputs());
+    let per_state = match config.objective().form() {
+        Form::PerState(objective) => Some(objective),
+        Form::Trajectories(_) => None,
+    };
     let split = match pool {
-        _ if config.kind == LossKind::Fm => None,
+        _ if per_state.is_none() => None,
         Some(_) if groups.len() > 1 => Some(Split::Networks(groups)),
         Some(pool) if batch.len() > 1 => Some(Split::Rows(pool.threads().min(batch.len()))),
         _ => None,
     };
-    let (Some(split), Some(pool)) = (split, pool) else {
+    let (Some(split), Some(pool), Some(per_state)) = (split, pool, per_state) else {
         let loss = compute_loss(config, env, estimators, &estimators.params.views(), batch);
+        let forward = started.elapsed();
         loss.backward();
-        return loss;
+        return Backward {
+            loss,
+            forward,
+            backward: started.elapsed() - forward,
+        };
     };
     if let Split::Rows(shares) = split {
         estimators.params.ensure_leaf_sets(shares);
@@ -610,11 +722,12 @@ pub fn loss_and_backward(
             .fold(NetworkOutputs::default(), NetworkOutputs::or),
         Split::Rows(_) => NetworkOutputs::concat(&leaves),
     };
-    let loss = loss_of(
-        config,
+    let loss = per_state.loss(
         &evaluated(merged, estimators, &p, &prepared),
         &prepared,
+        config.residuals(),
     );
+    let forward = started.elapsed();
     loss.backward();
     let seeded: Vec<(NetworkOutputs, NetworkOutputs)> = outputs.into_iter().zip(leaves).collect();
     map_on_pool(pool, seeded, |(outputs, leaves)| {
@@ -631,41 +744,42 @@ pub fn loss_and_backward(
             surrogate.backward();
         }
     });
-    loss.detach()
+    Backward {
+        loss: loss.detach(),
+        forward,
+        backward: started.elapsed() - forward,
+    }
 }
 
-/// The learned estimate of log Z: the log Z parameter (TB), log F(s0) (DB, SubTB), the total
-/// edge flow out of s0 (FM), or log R(s0) - log P_F(exit | s0) (ZVar, ModifiedDB, where every
-/// state can exit), which equals log Z wherever the policy samples x with probability R(x)/Z.
-/// `None` where the objective has no estimate in this environment.
+/// The learned estimate of log Z, as the objective reads it ([`LogZEstimate`]): which equals
+/// log Z wherever the policy samples x with probability R(x)/Z. `None` where the objective has
+/// no estimate in this environment.
 pub fn estimated_log_z(
-    kind: LossKind,
+    objective: &dyn Objective,
     env: &dyn Environment,
     estimators: &Estimators,
 ) -> Option<f64> {
     let mut s0 = vec![0i64; env.state_dim()];
     env.initial_state(&mut s0);
     let p = estimators.params.views();
+    let estimate = objective.log_z_estimate();
     tch::no_grad(|| {
         let input = estimators.input(env, &s0);
         let wanted = Wanted {
             pf: true,
             pb: false,
-            log_flow: kind.needs_log_flow(),
+            log_flow: estimate == LogZEstimate::InitialFlow,
         };
         let out = estimators.forward(&p, &input, wanted);
         let mut mask = vec![false; env.n_actions()];
         env.forward_masks(&s0, &mut mask);
         let mask = additive_mask(&mask, env.n_actions(), estimators.device());
         let logits = out.pf_logits.expect("pf asked for");
-        let value = match kind {
-            LossKind::Tb => estimators
-                .log_z(&p)
-                .expect("TB learns log Z")
-                .shallow_clone(),
-            LossKind::Db | LossKind::Subtb => out.log_flow.expect("DB/SubTB learn log F"),
-            LossKind::Fm => (logits + mask).logsumexp([1i64].as_slice(), false),
-            LossKind::Zvar | LossKind::ModifiedDb => {
+        let value = match estimate {
+            LogZEstimate::Parameter => estimators.log_z(&p)?.shallow_clone(),
+            LogZEstimate::InitialFlow => out.log_flow?,
+            LogZEstimate::OutflowOfInitial => (logits + mask).logsumexp([1i64].as_slice(), false),
+            LogZEstimate::ExitAtInitial => {
                 let exit = exit_action(env).filter(|_| env.exits_everywhere())?;
                 let mut log_r = [0f32];
                 env.log_reward(&s0, &mut log_r);

@@ -1,6 +1,68 @@
-use super::{host_tensor, Evaluated, PreparedBatch};
+use super::{
+    host_tensor, Evaluated, Form, LogZEstimate, Needs, Objective, PerStateLoss, PreparedBatch,
+    Residuals,
+};
+use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+
+/// Sub-trajectory balance (Madan et al., 2023); `[loss.subtb]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubTrajectoryBalance {
+    /// λ of the geometric weightings.
+    pub lambda: f64,
+    pub weighting: SubTbWeighting,
+}
+
+impl Default for SubTrajectoryBalance {
+    fn default() -> Self {
+        SubTrajectoryBalance {
+            lambda: 0.9,
+            weighting: SubTbWeighting::GeometricWithin,
+        }
+    }
+}
+
+impl Objective for SubTrajectoryBalance {
+    fn needs(&self) -> Needs {
+        Needs {
+            log_flow: true,
+            backward_policy: true,
+            ..Needs::default()
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.lambda > 0.0 && self.lambda.is_finite() {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "loss.subtb.lambda",
+            self.lambda,
+            "must be > 0",
+        ))
+    }
+
+    fn form(&self) -> Form<'_> {
+        Form::PerState(self)
+    }
+
+    /// Every pair of positions of every trajectory.
+    fn loss_elements(&self, trajectories: usize, max_length: usize) -> usize {
+        trajectories * (max_length + 1) * (max_length + 1)
+    }
+
+    fn log_z_estimate(&self) -> LogZEstimate {
+        LogZEstimate::InitialFlow
+    }
+}
+
+impl PerStateLoss for SubTrajectoryBalance {
+    fn loss(&self, ev: &Evaluated, batch: &PreparedBatch, residuals: Residuals) -> Tensor {
+        sub_trajectory_balance(ev, batch, self.lambda, self.weighting, residuals)
+    }
+}
 
 /// How sub-trajectories are weighted (the options torchgfn offers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,7 +133,7 @@ pub fn subtb_weights(
 }
 
 /// Sub-trajectory balance: for every sub-trajectory s_i → … → s_j of every trajectory,
-/// (log F(s_i) + Σ log P_F − log F(s_j) − Σ log P_B)², where the sink has log-flow log R(x)
+/// g(log F(s_i) + Σ log P_F − log F(s_j) − Σ log P_B), where the sink has log-flow log R(x)
 /// (the sink follows x's exit, or is x itself without an exit action; i = 0, j = sink is
 /// trajectory balance with log F(s0) as log Z), weighted by [`subtb_weights`] over each
 /// trajectory's edges.
@@ -80,6 +142,7 @@ pub fn sub_trajectory_balance(
     batch: &PreparedBatch,
     lambda: f64,
     weighting: SubTbWeighting,
+    residuals: Residuals,
 ) -> Tensor {
     let log_flow = ev
         .log_flow
@@ -133,7 +196,8 @@ pub fn sub_trajectory_balance(
     let g = flows - cumulative;
     let residual = g.unsqueeze(2) - g.unsqueeze(1);
     let weights = host_tensor(&weights, device).view([n_traj as i64, p as i64, p as i64]);
-    (residual.square() * weights).sum(Kind::Float)
+    // Invalid pairs weigh 0 but must not be NaN: their residuals are finite differences.
+    (residuals.loss(&residual) * weights).sum(Kind::Float)
 }
 
 #[cfg(test)]

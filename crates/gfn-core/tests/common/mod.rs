@@ -40,6 +40,7 @@ pub fn small_tb_config(hidden: usize, replay_capacity: usize) -> TrainConfig {
         exact_samples: 1000,
         max_nonfinite_steps: 0,
         memory_budget: None,
+        diagnostics_every: 0,
         metrics: MetricsConfig::default(),
     }
 }
