@@ -37,6 +37,7 @@ fn measure(clients: usize, seconds: f64, batch: usize) -> Row {
         store: StoreConfig {
             capacity: 100_000,
             policy: Policy::Prioritized,
+            diversity: gfn_diversity::Diversity::default(),
             // Items of log-reward 3.0 or more are modes, one per key.
             modes: Some(std::sync::Arc::new(|item: &gfn_buffer::protocol::Item| {
                 if item.log_reward >= 3.0 {

@@ -28,9 +28,10 @@ fn handle(frame: &[u8]) {
     let Ok(request) = decode::<Request>(frame) else {
         return;
     };
-    let mut store = Store::new(StoreConfig {
+    let config = StoreConfig {
         capacity: 8,
         policy: Policy::Prioritized,
+        diversity: gfn_diversity::Diversity::default(),
         // Items of log-reward 0.0 or more are modes, one per key.
         modes: Some(std::sync::Arc::new(|item: &crate::protocol::Item| {
             if item.log_reward >= 0.0 {
@@ -39,15 +40,23 @@ fn handle(frame: &[u8]) {
                 Vec::new()
             }
         })),
+    };
+    let mut store = Store::new(config.clone());
+    // The diverse policy judges a pushed batch as a whole.
+    let mut diverse = Store::new(StoreConfig {
+        policy: Policy::Diverse,
+        ..config
     });
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     match request {
         Request::Push { items } => {
-            for item in items {
-                if item.validate(2).is_ok() {
-                    store.push(item);
-                }
-            }
+            let valid: Vec<_> = items
+                .into_iter()
+                .filter(|i| i.validate(2).is_ok())
+                .collect();
+            valid.iter().for_each(|item| store.push(item.clone()));
+            diverse.push_batch(valid);
+            let _ = diverse.sample(4, &mut rng);
             let _ = store.sample(4, &mut rng);
             let _ = store.stats(1.0, 1);
         }

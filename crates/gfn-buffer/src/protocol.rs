@@ -144,7 +144,8 @@ pub struct ServerStats {
     pub capacity: u64,
     /// Items received (duplicates included).
     pub received: u64,
-    /// Items not stored because their terminal state was already held (unique-state policy).
+    /// Items not stored because their terminal state was already held (unique policy), or lay
+    /// too close to a stored one or below the lowest stored reward (diverse policy).
     pub duplicates: u64,
     /// Items sent back in samples.
     pub sampled: u64,

@@ -369,8 +369,7 @@ async fn session(framed: &mut Connection, shared: &Shared, state_dim: usize) -> 
                 if let Some(reason) = items.iter().find_map(|i| i.validate(state_dim).err()) {
                     return Ended::Failed(reason);
                 }
-                let mut store = shared.store.lock().unwrap();
-                items.into_iter().for_each(|item| store.0.push(item));
+                shared.store.lock().unwrap().0.push_batch(items);
                 continue;
             }
             Request::Sample { n } if n > MAX_SAMPLE => {

@@ -2,6 +2,7 @@
 //! and the statistics reported to rank 0.
 
 use crate::protocol::{Item, ServerStats, MAX_MODE_KEYS};
+use gfn_diversity::{Diversity, Scored};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -17,6 +18,9 @@ pub enum Policy {
     /// At most one item per terminal state (later duplicates are dropped), oldest out, uniform
     /// sampling.
     Unique,
+    /// torchgfn's diverse prioritized buffer: the highest-reward items whose terminal states
+    /// lie apart ([`gfn_diversity`]), uniform sampling.
+    Diverse,
 }
 
 impl std::str::FromStr for Policy {
@@ -26,8 +30,9 @@ impl std::str::FromStr for Policy {
             "fifo" => Ok(Policy::Fifo),
             "prioritized" => Ok(Policy::Prioritized),
             "unique" => Ok(Policy::Unique),
+            "diverse" => Ok(Policy::Diverse),
             other => Err(format!(
-                "unknown buffer policy {other:?}: expected fifo, prioritized or unique"
+                "unknown buffer policy {other:?}: expected fifo, prioritized, unique or diverse"
             )),
         }
     }
@@ -40,6 +45,8 @@ pub type ModeIds = Arc<dyn Fn(&Item) -> Vec<u64> + Send + Sync>;
 pub struct StoreConfig {
     pub capacity: usize,
     pub policy: Policy,
+    /// The distance rule of [`Policy::Diverse`].
+    pub diversity: Diversity,
     /// Counts the distinct modes among the items received; `None`: not counted.
     pub modes: Option<ModeIds>,
 }
@@ -49,6 +56,7 @@ impl std::fmt::Debug for StoreConfig {
         f.debug_struct("StoreConfig")
             .field("capacity", &self.capacity)
             .field("policy", &self.policy)
+            .field("diversity", &self.diversity)
             .field("modes", &self.modes.is_some())
             .finish()
     }
@@ -98,6 +106,17 @@ impl SumTree {
             }
         }
         i - self.leaves
+    }
+}
+
+impl Scored for Item {
+    /// The last state's coordinates (an item holds one state per action).
+    fn terminal(&self) -> &[i64] {
+        let dim = self.states.len() / self.actions.len().max(1);
+        &self.states[self.states.len() - dim..]
+    }
+    fn log_reward(&self) -> f32 {
+        self.log_reward
     }
 }
 
@@ -157,7 +176,27 @@ impl Store {
         self.items.is_empty()
     }
 
+    /// Stores a pushed batch (the diverse policy judges its items together).
+    pub fn push_batch(&mut self, items: Vec<Item>) {
+        if self.config.policy != Policy::Diverse {
+            items.into_iter().for_each(|item| self.push(item));
+            return;
+        }
+        self.received += items.len() as u64;
+        if let Some(modes) = &self.config.modes {
+            items.iter().for_each(|item| self.modes.extend(modes(item)));
+        }
+        let kept_out = self
+            .config
+            .diversity
+            .insert(&mut self.items, items, self.config.capacity);
+        self.duplicates += kept_out as u64;
+    }
+
     pub fn push(&mut self, item: Item) {
+        if self.config.policy == Policy::Diverse {
+            return self.push_batch(vec![item]);
+        }
         self.received += 1;
         if let Some(modes) = &self.config.modes {
             self.modes.extend(modes(&item));
@@ -315,6 +354,10 @@ mod tests {
         Store::new(StoreConfig {
             capacity,
             policy,
+            diversity: Diversity {
+                cutoff_distance: 0.5,
+                p_norm_distance: 1.0,
+            },
             // Items of log-reward 1.0 or more are modes, one per key.
             modes: Some(std::sync::Arc::new(|item: &Item| {
                 if item.log_reward >= 1.0 {
@@ -407,7 +450,12 @@ mod tests {
 
     #[test]
     fn a_restored_store_holds_the_same_items_in_the_same_order_of_eviction() {
-        for policy in [Policy::Fifo, Policy::Prioritized, Policy::Unique] {
+        for policy in [
+            Policy::Fifo,
+            Policy::Prioritized,
+            Policy::Unique,
+            Policy::Diverse,
+        ] {
             let mut s = store(4, policy);
             // 6 pushes into 4 slots: the ring has wrapped, keys 2..=5 remain, 2 the oldest.
             (0..6).for_each(|k| s.push(item(k, k as f32 / 2.0)));
@@ -428,6 +476,29 @@ mod tests {
         let smaller = Store::restore(store(2, Policy::Fifo).config, s.snapshot());
         let keys: Vec<u64> = smaller.snapshot().items.iter().map(|i| i.key).collect();
         assert_eq!(keys, vec![2, 3]);
+    }
+
+    #[test]
+    fn the_diverse_policy_admits_as_the_shared_rule_does() {
+        // Terminal states (key): a batch judged together, then items alone.
+        let mut s = store(3, Policy::Diverse);
+        s.push_batch((0..5).map(|k| item(k, k as f32)).collect());
+        let mut reference = Vec::new();
+        let rule = s.config.diversity;
+        rule.insert(
+            &mut reference,
+            (0..5).map(|k| item(k, k as f32)).collect(),
+            3,
+        );
+        assert_eq!(s.items, reference);
+        // Full: key 9 (reward 9) is far from 2..=4 and enters; key 4 again (reward 8) is
+        // within the cutoff of the stored 4 and counts as a duplicate; key 1 is below the
+        // lowest stored reward.
+        s.push_batch(vec![item(9, 9.0), item(4, 8.0), item(1, 1.0)]);
+        let keys: Vec<u64> = s.items.iter().map(|i| i.key).collect();
+        assert_eq!(keys, vec![3, 4, 9]);
+        let stats = s.stats(1.0, 0);
+        assert_eq!((stats.received, stats.duplicates, stats.size), (8, 2, 3));
     }
 
     #[test]

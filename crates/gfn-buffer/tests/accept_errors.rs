@@ -48,6 +48,7 @@ fn accept_failures_are_paused_and_logged_at_most_once_per_interval() {
         store: StoreConfig {
             capacity: 100,
             policy: Policy::Fifo,
+            diversity: gfn_diversity::Diversity::default(),
             modes: None,
         },
         token: TOKEN,

@@ -42,6 +42,7 @@ fn start_in(
         store: StoreConfig {
             capacity: 1000,
             policy,
+            diversity: gfn_diversity::Diversity::default(),
             // Items of log-reward 1.0 or more are modes, one per key.
             modes: Some(std::sync::Arc::new(|item: &gfn_buffer::protocol::Item| {
                 if item.log_reward >= 1.0 {

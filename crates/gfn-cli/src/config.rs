@@ -13,6 +13,7 @@ use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
 use gfn_core::train::{ReplayConfig, TrainConfig};
 use gfn_ddp::launch_env::RankInfo;
+use gfn_diversity::Diversity;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
@@ -57,6 +58,22 @@ pub struct BufferSection {
     pub policy: BufferPolicy,
     /// A lost buffer rank ends the run instead of falling back to local replay.
     pub fatal: bool,
+    /// `policy = "diverse"`: terminal states closer than this (p-norm) are one too many.
+    pub cutoff_distance: f64,
+    pub p_norm_distance: f64,
+}
+
+impl BufferSection {
+    pub fn diversity(&self) -> Result<Diversity> {
+        let d = Diversity {
+            cutoff_distance: self.cutoff_distance,
+            p_norm_distance: self.p_norm_distance,
+        };
+        match d.problem() {
+            Some((key, value, reason)) => bail!("invalid buffer.{key} = {value}: {reason}"),
+            None => Ok(d),
+        }
+    }
 }
 
 impl Default for BufferSection {
@@ -66,6 +83,8 @@ impl Default for BufferSection {
             capacity: 100_000,
             policy: BufferPolicy::Fifo,
             fatal: false,
+            cutoff_distance: Diversity::default().cutoff_distance,
+            p_norm_distance: Diversity::default().p_norm_distance,
         }
     }
 }
@@ -223,14 +242,20 @@ pub struct ReplaySection {
     pub policy: ReplayPolicy,
     /// Replayed trajectories per batch, as a fraction of the batch size.
     pub ratio: f64,
+    /// `policy = "diverse"`: terminal states closer than this (p-norm) are one too many.
+    pub cutoff_distance: f64,
+    pub p_norm_distance: f64,
 }
 
 impl Default for ReplaySection {
     fn default() -> Self {
+        let d = Diversity::default();
         ReplaySection {
             capacity: 0,
             policy: ReplayPolicy::Uniform,
             ratio: 0.5,
+            cutoff_distance: d.cutoff_distance,
+            p_norm_distance: d.p_norm_distance,
         }
     }
 }
@@ -421,6 +446,10 @@ impl Config {
                 },
                 policy: self.replay.policy,
                 ratio: self.replay.ratio,
+                diversity: Diversity {
+                    cutoff_distance: self.replay.cutoff_distance,
+                    p_norm_distance: self.replay.p_norm_distance,
+                },
             },
             seed: self.train.seed,
             threads: self.train.threads,
@@ -463,6 +492,7 @@ impl Config {
             );
         }
         if self.buffer.num_remote > 0 {
+            self.buffer.diversity()?;
             if self.buffer.capacity == 0 {
                 bail!("invalid buffer.capacity = 0: a buffer rank must hold at least 1 trajectory");
             }

@@ -171,6 +171,7 @@ pub fn serve(world: &World, server: Server, config: &Config) -> Result<()> {
         store: StoreConfig {
             capacity: b.capacity,
             policy: b.policy,
+            diversity: b.diversity()?,
             modes: mode_ids(env),
         },
         token,

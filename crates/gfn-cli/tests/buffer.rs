@@ -101,6 +101,55 @@ fn a_resumed_run_gets_back_the_buffer_rank_it_had() {
 }
 
 #[test]
+fn a_diverse_buffer_rank_keeps_distinct_high_reward_states() {
+    let out = scratch("buffer-diverse");
+    let result = mpirun(
+        3,
+        &[],
+        &[
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--num-remote-buffers",
+            "1",
+            "--set",
+            "buffer.policy=diverse",
+            "--set",
+            "buffer.capacity=50",
+            "--set",
+            "train.steps=150",
+        ],
+    );
+    assert_ok(&result);
+    let s = summary(&out);
+    assert_eq!(s["buffer_received"], 2 * 150 * 16);
+    assert_eq!(s["buffer_size"], 50);
+    // The buffer rank's last snapshot: 50 trajectories with pairwise distinct terminal states
+    // (on the grid any two distinct states lie at distance >= 1 > the 0.1 cutoff), in
+    // ascending order of reward.
+    let files = gfn_buffer::snapshot::SnapshotFiles {
+        dir: out.clone(),
+        rank: 2,
+    };
+    let stored = files
+        .load(150)
+        .unwrap()
+        .expect("a snapshot of the last step")
+        .items;
+    assert_eq!(stored.len(), 50);
+    let terminal = |i: &gfn_buffer::protocol::Item| {
+        let dim = i.states.len() / i.actions.len();
+        i.states[i.states.len() - dim..].to_vec()
+    };
+    let distinct: std::collections::BTreeSet<Vec<i64>> = stored.iter().map(terminal).collect();
+    assert_eq!(distinct.len(), 50);
+    assert!(stored
+        .windows(2)
+        .all(|w| w[0].log_reward <= w[1].log_reward));
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
 fn two_trainers_and_a_buffer_rank_on_a_bit_sequence() {
     // A peaked bit sequence (6 modes, β = 16): items are keyed by their terminal sequence, and
     // the buffer rank counts modes with the environment's own criterion (Hamming distance < 3).

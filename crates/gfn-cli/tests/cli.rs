@@ -398,6 +398,41 @@ fn bad_input_gets_a_one_line_error_naming_field_and_value() {
             &["train.threads", "100000", "per CPU"],
         ),
         (&["--set", "ddp.timeout_s=0"], &["ddp.timeout_s", "0"]),
+        (
+            &[
+                "--set",
+                "replay.policy=diverse",
+                "--set",
+                "replay.p_norm_distance=0",
+            ],
+            &["replay.p_norm_distance", "0"],
+        ),
+        (
+            &[
+                "--set",
+                "buffer.num_remote=1",
+                "--set",
+                "buffer.p_norm_distance=-1",
+            ],
+            &["buffer.p_norm_distance", "-1"],
+        ),
+        (
+            &["--set", "optim.max_grad_norm=-1"],
+            &["optim.max_grad_norm", "-1"],
+        ),
+        (
+            &[
+                "--set",
+                "loss.regression=linex",
+                "--set",
+                "loss.linex_alpha=0",
+            ],
+            &["loss.linex_alpha", "0"],
+        ),
+        (
+            &["--set", "loss.name=subtb", "--set", "loss.subtb.lambda=0"],
+            &["loss.subtb.lambda", "0"],
+        ),
     ];
     for (args, needles) in cases {
         let mut full = vec!["train", "--out", o];

@@ -220,6 +220,7 @@ fn config(seed: u64) -> TrainConfig {
             capacity: 0,
             policy: ReplayPolicy::Uniform,
             ratio: 0.5,
+            diversity: Default::default(),
         },
         seed,
         threads: 1,

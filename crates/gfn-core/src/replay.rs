@@ -1,6 +1,7 @@
 //! Local replay buffer of whole trajectories, mixed into training batches.
 
 use crate::trajectories::Trajectories;
+use gfn_diversity::{Diversity, Scored};
 use rand::distributions::{Distribution, WeightedIndex};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,9 @@ pub enum ReplayPolicy {
     Uniform,
     /// Sampling probability proportional to R(x).
     Prioritized,
+    /// torchgfn's diverse prioritized buffer: the highest-reward trajectories whose terminal
+    /// states lie apart (see [`gfn_diversity`]), sampled uniformly.
+    Diverse,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,23 +23,39 @@ struct Stored {
     states: Vec<i64>,
     actions: Vec<usize>,
     log_reward: f32,
+    /// Coordinates per state (where the terminal state starts in `states`).
+    #[serde(default)]
+    state_dim: usize,
 }
 
-/// FIFO ring of at most `capacity` trajectories.
+impl Scored for Stored {
+    fn terminal(&self) -> &[i64] {
+        &self.states[self.states.len() - self.state_dim..]
+    }
+    fn log_reward(&self) -> f32 {
+        self.log_reward
+    }
+}
+
+/// At most `capacity` trajectories: a FIFO ring, or (diverse) the highest-reward ones kept in
+/// ascending order of reward.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplayBuffer {
     capacity: usize,
     policy: ReplayPolicy,
+    #[serde(default)]
+    diversity: Diversity,
     items: Vec<Stored>,
     /// Slot the next push overwrites once the buffer is full.
     next: usize,
 }
 
 impl ReplayBuffer {
-    pub fn new(capacity: usize, policy: ReplayPolicy) -> Self {
+    pub fn new(capacity: usize, policy: ReplayPolicy, diversity: Diversity) -> Self {
         ReplayBuffer {
             capacity,
             policy,
+            diversity,
             items: Vec::new(),
             next: 0,
         }
@@ -53,13 +73,21 @@ impl ReplayBuffer {
             return;
         }
         let d = batch.state_dim;
-        for b in 0..batch.len() {
+        let stored = (0..batch.len()).map(|b| {
             let (start, end) = (batch.offsets[b], batch.offsets[b + 1]);
-            let item = Stored {
+            Stored {
                 states: batch.states[start * d..end * d].to_vec(),
                 actions: batch.actions[start..end].to_vec(),
                 log_reward: batch.log_rewards[b],
-            };
+                state_dim: d,
+            }
+        });
+        if self.policy == ReplayPolicy::Diverse {
+            self.diversity
+                .insert(&mut self.items, stored.collect(), self.capacity);
+            return;
+        }
+        for item in stored {
             if self.items.len() < self.capacity {
                 self.items.push(item);
             } else {
@@ -80,7 +108,9 @@ impl ReplayBuffer {
             out.push(&item.states, &item.actions, item.log_reward);
         };
         match self.policy {
-            ReplayPolicy::Uniform => (0..k).for_each(|_| take(rng.gen_range(0..self.items.len()))),
+            ReplayPolicy::Uniform | ReplayPolicy::Diverse => {
+                (0..k).for_each(|_| take(rng.gen_range(0..self.items.len())))
+            }
             ReplayPolicy::Prioritized => {
                 let max = self
                     .items
@@ -114,8 +144,35 @@ mod tests {
     }
 
     #[test]
+    fn the_diverse_policy_keeps_apart_and_rewarding_trajectories() {
+        let diversity = Diversity {
+            cutoff_distance: 0.5,
+            p_norm_distance: 1.0,
+        };
+        let mut buffer = ReplayBuffer::new(2, ReplayPolicy::Diverse, diversity);
+        // Terminal states (0, i): 1 and 2 fill the buffer; 3 (the best, distance 1 from 2)
+        // enters and evicts 1; a second 3 of higher reward is within the cutoff of the stored
+        // one and stays out.
+        buffer.push(&batch(&[0.0, 1.0, 2.0]));
+        buffer.push(&batch(&[-1.0, -1.0, -1.0, 3.0]));
+        let kept: Vec<(i64, f32)> = buffer
+            .items
+            .iter()
+            .map(|s| (s.terminal()[0], s.log_reward))
+            .collect();
+        assert_eq!(kept, vec![(2, 2.0), (3, 3.0)]);
+        let mut again = Trajectories::new(1);
+        again.push(&[0, 3], &[0, 1], 5.0);
+        buffer.push(&again);
+        assert_eq!(buffer.items[1].log_reward, 3.0);
+        let round_trip: ReplayBuffer =
+            serde_json::from_str(&serde_json::to_string(&buffer).unwrap()).unwrap();
+        assert_eq!(round_trip, buffer);
+    }
+
+    #[test]
     fn fifo_eviction_keeps_the_newest() {
-        let mut buffer = ReplayBuffer::new(2, ReplayPolicy::Uniform);
+        let mut buffer = ReplayBuffer::new(2, ReplayPolicy::Uniform, Diversity::default());
         buffer.push(&batch(&[0.0, 1.0, 2.0]));
         assert_eq!(buffer.len(), 2);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -126,7 +183,7 @@ mod tests {
 
     #[test]
     fn prioritized_sampling_follows_the_reward() {
-        let mut buffer = ReplayBuffer::new(10, ReplayPolicy::Prioritized);
+        let mut buffer = ReplayBuffer::new(10, ReplayPolicy::Prioritized, Diversity::default());
         buffer.push(&batch(&[0.0, 3.0f32.ln()]));
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let drawn = buffer.sample(40_000, 1, &mut rng);

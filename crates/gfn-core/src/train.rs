@@ -36,6 +36,8 @@ pub struct ReplayConfig {
     pub policy: ReplayPolicy,
     /// Replayed trajectories added to each batch, as a fraction of the batch size.
     pub ratio: f64,
+    /// The distance rule of the diverse policy.
+    pub diversity: gfn_diversity::Diversity,
 }
 
 impl ReplayConfig {
@@ -95,6 +97,13 @@ impl TrainConfig {
                 self.temperature,
                 "must be > 0",
             ));
+        }
+        if let Some((key, value, reason)) = self.replay.diversity.problem() {
+            let field = match key {
+                "cutoff_distance" => "replay.cutoff_distance",
+                _ => "replay.p_norm_distance",
+            };
+            return Err(Error::invalid(field, value, reason));
         }
         if !(self.replay.ratio >= 0.0 && self.replay.ratio.is_finite()) {
             return Err(Error::invalid(
@@ -412,7 +421,11 @@ impl TrainState {
         let pool = pool_pays.then(|| training_pool(threads)).flatten();
         // Our threads take the cores during training; libtorch's would only compete with them.
         tch::set_num_threads(if pool.is_some() { 1 } else { threads as i32 });
-        let replay = ReplayBuffer::new(config.replay.capacity, config.replay.policy);
+        let replay = ReplayBuffer::new(
+            config.replay.capacity,
+            config.replay.policy,
+            config.replay.diversity,
+        );
         Ok(TrainState {
             env,
             config,
@@ -718,6 +731,7 @@ mod tests {
                     capacity: 0,
                     policy: ReplayPolicy::Uniform,
                     ratio: 0.5,
+                    diversity: Default::default(),
                 },
                 seed: 0,
                 threads: 3,

@@ -36,6 +36,7 @@ fn config(kind: LossKind) -> TrainConfig {
             capacity: 0,
             policy: ReplayPolicy::Uniform,
             ratio: 0.5,
+            diversity: Default::default(),
         },
         seed: 0,
         threads: 1,

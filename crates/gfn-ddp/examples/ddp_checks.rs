@@ -190,6 +190,7 @@ fn state(kind: LossKind, max_grad_norm: f64, stream: u64) -> TrainState {
             capacity: 0,
             policy: ReplayPolicy::Uniform,
             ratio: 0.0,
+            diversity: Default::default(),
         },
         seed: 3,
         threads: 0,

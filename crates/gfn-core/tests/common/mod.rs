@@ -34,6 +34,7 @@ pub fn small_tb_config(hidden: usize, replay_capacity: usize) -> TrainConfig {
             capacity: replay_capacity,
             policy: ReplayPolicy::Uniform,
             ratio: 0.5,
+            diversity: Default::default(),
         },
         seed: 3,
         threads: 1,
