@@ -164,6 +164,11 @@ macro_rules! objectives {
                     $(LossKind::$variant => &self.$key,)+
                 }
             }
+
+            /// Every objective's settings, whichever `name` picks (all are checked).
+            fn every_objective(&self) -> Vec<&dyn Objective> {
+                vec![$(&self.$key as &dyn Objective,)+]
+            }
         }
     };
 }
@@ -201,7 +206,9 @@ impl LossConfig {
             ));
         }
         self.regression.validate(self.linex_alpha)?;
-        self.objective().validate()
+        self.every_objective()
+            .into_iter()
+            .try_for_each(|objective| objective.validate())
     }
 }
 
