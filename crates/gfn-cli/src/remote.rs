@@ -14,7 +14,6 @@ use gfn_buffer::BufferError;
 use gfn_core::env::Environment;
 use gfn_core::fit::BatchSource;
 use gfn_core::metrics::modes::state_hash;
-use gfn_core::train::TrainState;
 use gfn_core::trajectories::Trajectories;
 use gfn_ddp::comm::ReduceOp;
 use gfn_ddp::world::{Placement, World};
@@ -495,11 +494,7 @@ impl RemoteReplay {
 /// or from local replay once the buffer rank is lost; fresh batches go to the buffer rank, and
 /// checkpoints include its snapshot.
 impl BatchSource for RemoteReplay {
-    fn replayed(
-        &mut self,
-        _state: &mut TrainState,
-        k: usize,
-    ) -> gfn_core::Result<Option<Trajectories>> {
+    fn replayed(&mut self, k: usize) -> gfn_core::Result<Option<Trajectories>> {
         if let Some(reason) = self.client.lost() {
             let message = format!(
                 "lost the replay-buffer rank at {}: {reason}",

@@ -14,7 +14,7 @@ use gfn_core::fit::{
     self, Checkpointing, Ending, FitReport, Hooks, LocalReplay, Schedule, StepReport,
 };
 use gfn_core::parallel;
-use gfn_core::timing::PhaseTimes;
+use gfn_core::timing::PhaseSummary;
 use gfn_core::train::{Diagnostics, Evaluation, StepMetrics, TrainState};
 use gfn_ddp::ranks::DataParallel;
 use gfn_ddp::world::World;
@@ -61,10 +61,7 @@ pub struct Summary {
     pub device: String,
     /// Rank 0's time per phase (`time_<phase>_s`, `time_<phase>_ms_per_step`).
     #[serde(flatten)]
-    pub timing: serde_json::Map<String, serde_json::Value>,
-    /// The same, for the table printed at the end.
-    #[serde(skip)]
-    pub phases: (PhaseTimes, u64),
+    pub timing: PhaseSummary,
     #[serde(flatten)]
     pub buffer: Option<BufferSummary>,
     /// The last diagnostics (every `train.log_every` steps, rank 0's batch).
@@ -340,12 +337,6 @@ fn summarise(
     buffer: Option<BufferSummary>,
 ) -> Summary {
     let steps_done = state.step - report.first_step;
-    let timing = state
-        .times
-        .fields(steps_done)
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::json!(v)))
-        .collect();
     Summary {
         env: state.env.describe(),
         loss: report.last.loss,
@@ -364,8 +355,10 @@ fn summarise(
         ranks: world.world_size(),
         backend: world.comm.backend().to_string(),
         device,
-        timing,
-        phases: (state.times, steps_done),
+        timing: PhaseSummary {
+            times: state.times,
+            steps: steps_done,
+        },
         diagnostics: report.last_diagnostics,
         buffer,
     }
@@ -426,6 +419,5 @@ pub fn summary_table(summary: &Summary) -> String {
     for (k, v) in rows {
         out += &format!("{k:<width$}  {v}\n");
     }
-    let (phases, steps) = &summary.phases;
-    out + "\n" + &phases.table(*steps)
+    out + "\n" + &summary.timing.table()
 }

@@ -137,11 +137,10 @@ fn a_diverse_buffer_rank_keeps_distinct_high_reward_states() {
         .expect("a snapshot of the last step")
         .items;
     assert_eq!(stored.len(), 50);
-    let terminal = |i: &gfn_buffer::protocol::Item| {
-        let dim = i.states.len() / i.actions.len();
-        i.states[i.states.len() - dim..].to_vec()
-    };
-    let distinct: std::collections::BTreeSet<Vec<i64>> = stored.iter().map(terminal).collect();
+    let distinct: std::collections::BTreeSet<Vec<i64>> = stored
+        .iter()
+        .map(|item| gfn_diversity::Scored::terminal(item).to_vec())
+        .collect();
     assert_eq!(distinct.len(), 50);
     assert!(stored
         .windows(2)

@@ -139,14 +139,15 @@ fn a_run_writes_metrics_checkpoint_and_summary() {
     assert_eq!(summary["trajectories"], 320);
     // Time per phase: every phase a one-rank run has took time, and they fit in the wall time.
     let seconds = |phase: &str| summary[format!("time_{phase}_s")].as_f64().unwrap();
-    for phase in [
+    let local_phases = [
         "sampling",
         "loss",
         "backward",
         "optimizer",
         "evaluation",
         "checkpoint",
-    ] {
+    ];
+    for phase in local_phases {
         assert!(seconds(phase) > 0.0, "no time in {phase}: {summary}");
         let per_step = summary[format!("time_{phase}_ms_per_step")]
             .as_f64()
@@ -158,17 +159,7 @@ fn a_run_writes_metrics_checkpoint_and_summary() {
         seconds("all_reduce") < 1e-3 && seconds("rank_wait") == 0.0,
         "{summary}"
     );
-    let phases: f64 = [
-        "sampling",
-        "loss",
-        "backward",
-        "optimizer",
-        "evaluation",
-        "checkpoint",
-    ]
-    .iter()
-    .map(|p| seconds(p))
-    .sum();
+    let phases: f64 = local_phases.iter().map(|p| seconds(p)).sum();
     assert!(phases <= summary["wall_s"].as_f64().unwrap(), "{summary}");
     assert!(
         stdout.contains("phase") && stdout.contains("ms/step") && !stdout.contains("time_loss_s"),

@@ -72,7 +72,7 @@ impl Ranks for Alone {
 pub trait BatchSource {
     /// `k` replayed trajectories for this step, or `None` to draw them from the state's own
     /// replay buffer.
-    fn replayed(&mut self, state: &mut TrainState, k: usize) -> Result<Option<Trajectories>>;
+    fn replayed(&mut self, k: usize) -> Result<Option<Trajectories>>;
     /// Sees every fresh batch (after the state's replay buffer has it).
     fn fresh(&mut self, _batch: &Trajectories) {}
     /// Every rank, before a checkpoint is written.
@@ -85,7 +85,7 @@ pub trait BatchSource {
 pub struct LocalReplay;
 
 impl BatchSource for LocalReplay {
-    fn replayed(&mut self, _state: &mut TrainState, _k: usize) -> Result<Option<Trajectories>> {
+    fn replayed(&mut self, _k: usize) -> Result<Option<Trajectories>> {
         Ok(None)
     }
 }
@@ -225,20 +225,15 @@ pub fn fit(
         report.last = ranks.update(state, &batch)?;
         report.train_s += started.elapsed().as_secs_f64();
         let last_step = state.step == schedule.steps;
-        let diagnose = due(state.config.diagnostics_every, state.step);
-        if diagnose {
-            report.last_diagnostics =
-                Some(state.diagnostics(&batch.subset(0..fresh), &report.last));
-        }
-        let mut step = step_report(state, ranks.world_size(), &report);
-        step.diagnostics = report.last_diagnostics.filter(|_| diagnose);
+        let diagnostics = due(state.config.diagnostics_every, state.step)
+            .then(|| state.diagnostics(&batch.subset(0..fresh), &report.last));
+        report.last_diagnostics = diagnostics.or(report.last_diagnostics);
+        let mut step = step_report(state, ranks.world_size(), &report, diagnostics);
         if due(schedule.evaluate_every, state.step) || last_step {
             step.metrics.loss = mean_loss(state, ranks, report.last.loss)?;
             report.last.loss = step.metrics.loss;
             if root {
-                let started = Instant::now();
-                let eval = state.evaluate()?;
-                state.times.evaluation += started.elapsed();
+                let eval = evaluate(state)?;
                 hooks.after_evaluation(state, &step, &eval)?;
                 report.last_eval = Some(eval);
             }
@@ -254,13 +249,26 @@ pub fn fit(
         // Nothing was left to do (resumed at the last step): still save and report.
         save(state, ranks, source, schedule)?;
         if root {
-            report.last_eval = Some(state.evaluate()?);
+            report.last_eval = Some(evaluate(state)?);
         }
     }
     Ok(report)
 }
 
-fn step_report(state: &TrainState, world_size: usize, report: &FitReport) -> StepReport {
+/// Rank 0's evaluation, its time counted.
+fn evaluate(state: &mut TrainState) -> Result<Evaluation> {
+    let started = Instant::now();
+    let eval = state.evaluate()?;
+    state.times.evaluation += started.elapsed();
+    Ok(eval)
+}
+
+fn step_report(
+    state: &TrainState,
+    world_size: usize,
+    report: &FitReport,
+    diagnostics: Option<Diagnostics>,
+) -> StepReport {
     let steps_per_s = (state.step - report.first_step) as f64 / report.train_s;
     StepReport {
         step: state.step,
@@ -269,7 +277,7 @@ fn step_report(state: &TrainState, world_size: usize, report: &FitReport) -> Ste
         // Every rank samples one fresh batch per step.
         trajectories_per_s: steps_per_s * (state.config.batch_size * world_size) as f64,
         metrics: report.last,
-        diagnostics: None,
+        diagnostics,
     }
 }
 

@@ -3,7 +3,8 @@
 //! checkpoints. Host-side wall time: on a GPU, kernels still running when a phase ends are
 //! counted in the phase that waits for them.
 
-use std::time::{Duration, Instant};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PhaseTimes {
@@ -73,20 +74,36 @@ impl PhaseTimes {
     }
 }
 
+/// A run's phase times over its `steps` steps: serialises as the [`PhaseTimes::fields`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseSummary {
+    pub times: PhaseTimes,
+    pub steps: u64,
+}
+
+impl PhaseSummary {
+    pub fn table(&self) -> String {
+        self.times.table(self.steps)
+    }
+}
+
+impl Serialize for PhaseSummary {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let fields = self.times.fields(self.steps);
+        let mut map = serializer.serialize_map(Some(fields.len()))?;
+        for (key, value) in &fields {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
 fn per_step_ms(d: Duration, steps: u64) -> f64 {
     if steps == 0 {
         0.0
     } else {
         1e3 * d.as_secs_f64() / steps as f64
     }
-}
-
-/// Runs `f`, adding its wall time to `into`.
-pub fn timed<T>(into: &mut Duration, f: impl FnOnce() -> T) -> T {
-    let started = Instant::now();
-    let value = f();
-    *into += started.elapsed();
-    value
 }
 
 #[cfg(test)]
@@ -111,5 +128,8 @@ mod tests {
         );
         assert_eq!(table.lines().count(), 9);
         assert_eq!(PhaseTimes::default().fields(0)[1].1, 0.0);
+        let json = serde_json::to_value(PhaseSummary { times, steps: 10 }).unwrap();
+        assert_eq!(json["time_sampling_s"], 0.3);
+        assert_eq!(json.as_object().unwrap().len(), 16);
     }
 }

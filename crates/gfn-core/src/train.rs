@@ -125,18 +125,12 @@ impl TrainConfig {
         let Some(available) = self.memory_budget.or_else(bounds::available_memory) else {
             return Ok(());
         };
-        let demands = self.memory_demands(env)?;
-        let on_host: Vec<Demand> = match device {
-            Device::Cpu => demands,
-            _ => demands
-                .into_iter()
-                .filter(|d| d.what == PARAMETERS || d.what == REPLAY)
-                .collect(),
-        };
-        bounds::check_memory(&on_host, available)
+        bounds::check_memory(&self.memory_demands(env, device)?, available)
     }
 
-    fn memory_demands(&self, env: &dyn Environment) -> Result<Vec<Demand>> {
+    /// What the run holds in host memory: the parameters (built there first), the replay
+    /// buffer and, on the CPU, one training batch with its activations.
+    fn memory_demands(&self, env: &dyn Environment, device: Device) -> Result<Vec<Demand>> {
         let estimators = self.estimator_config();
         let params = Estimators::count_params(env, estimators)? as u64;
         let (field, value) = self.architecture.size_setting();
@@ -156,14 +150,22 @@ impl TrainConfig {
         } else {
             ("sampling.batch_size", self.batch_size.to_string())
         };
-        Ok(vec![
+        let mut demands = vec![
             Demand::new(
                 field,
                 value,
-                PARAMETERS,
+                "parameters, gradients and Adam moments",
                 params.saturating_mul(bounds::BYTES_PER_PARAMETER),
             ),
             Demand::new(
+                "replay.capacity",
+                self.replay.capacity,
+                "replay buffer",
+                product(&[self.replay.capacity as u64, trajectory(8)]),
+            ),
+        ];
+        if device == Device::Cpu {
+            demands.push(Demand::new(
                 batch_field.0,
                 batch_field.1,
                 "one training batch",
@@ -171,14 +173,9 @@ impl TrainConfig {
                     (self.batch_size as u64).saturating_add(replayed),
                     trajectory(activations),
                 ]),
-            ),
-            Demand::new(
-                "replay.capacity",
-                self.replay.capacity,
-                REPLAY,
-                product(&[self.replay.capacity as u64, trajectory(8)]),
-            ),
-        ])
+            ));
+        }
+        Ok(demands)
     }
 
     /// What the objective asks of the environment.
@@ -194,9 +191,6 @@ impl TrainConfig {
         )
     }
 }
-
-const PARAMETERS: &str = "parameters, gradients and Adam moments";
-const REPLAY: &str = "replay buffer";
 
 /// Called between backward and the optimizer step with the flat gradient: where data
 /// parallelism plugs in. The ranks may share the update out (as ZeRO stage 1 does): each sums
@@ -496,7 +490,7 @@ impl TrainState {
         let n = batch.len();
         if self.config.replay.capacity > 0 {
             let k = self.replay_count(n);
-            let replayed = match source.replayed(self, k)? {
+            let replayed = match source.replayed(k)? {
                 Some(replayed) => replayed,
                 None => self.replay.sample(k, self.env.state_dim(), &mut self.rng),
             };
