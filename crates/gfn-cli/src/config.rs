@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use gfn_buffer::store::Policy as BufferPolicy;
 use gfn_core::bounds;
 use gfn_core::env::EnvConfig;
-use gfn_core::estimators::{Architecture, BackwardPolicy, TransformerConfig};
+use gfn_core::estimators::{Architecture, BackwardPolicy, NoisyConfig, TransformerConfig};
 use gfn_core::losses::LossConfig;
 use gfn_core::metrics::MetricsConfig;
 use gfn_core::optim::{OptimizerConfig, OptimizerKind};
@@ -161,6 +161,22 @@ pub struct ModelSection {
     pub backward: BackwardPolicy,
     /// The Transformer's size (architecture = "transformer").
     pub transformer: TransformerConfig,
+    /// NoisyNet: P_F's last affine layers with factorised Gaussian noise during rollouts
+    /// (torchgfn's `n_noisy_layers`); 0: none. Left out of a run's config.toml when 0, so
+    /// that runs written before it was added still resume.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub noisy_layers: usize,
+    /// Initial σ scale of the noisy layers (torchgfn's `noisy_std_init`).
+    #[serde(skip_serializing_if = "is_default_noisy_std")]
+    pub noisy_std_init: f64,
+}
+
+fn is_zero(value: &usize) -> bool {
+    *value == 0
+}
+
+fn is_default_noisy_std(value: &f64) -> bool {
+    *value == NoisyConfig::default().std_init
 }
 
 impl Default for ModelSection {
@@ -171,6 +187,8 @@ impl Default for ModelSection {
             layers: 2,
             backward: BackwardPolicy::Learned,
             transformer: TransformerConfig::default(),
+            noisy_layers: 0,
+            noisy_std_init: NoisyConfig::default().std_init,
         }
     }
 }
@@ -420,6 +438,10 @@ impl Config {
         let config = TrainConfig {
             architecture,
             backward: m.backward,
+            noisy: NoisyConfig {
+                layers: m.noisy_layers,
+                std_init: m.noisy_std_init,
+            },
             loss: self.loss.clone(),
             optimizer: OptimizerConfig {
                 kind: o.name,
@@ -568,7 +590,7 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(c.loss.subtb.lambda, 0.5);
-        assert_eq!(c.loss.regression, gfn_core::losses::Regression::Linex);
+        assert_eq!(c.loss.regression, Some(gfn_core::losses::Regression::Linex));
         // Round trip through the TOML a run directory keeps.
         assert_eq!(Config::from_toml(&c.to_toml(), "config.toml").unwrap(), c);
         let err = Config::default()

@@ -7,17 +7,21 @@ use crate::remote::{BufferMetrics, BufferSummary, RemoteReplay};
 use crate::rundir::{OutMode, RunDir};
 use crate::signals;
 use crate::tensorboard::EventWriter;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use gfn_buffer::client::StatsView;
-use gfn_core::checkpoint::RunIdentity;
+use gfn_core::checkpoint::{self, RunIdentity};
+use gfn_core::estimators::Estimators;
 use gfn_core::fit::{
     self, Checkpointing, Ending, FitReport, Hooks, LocalReplay, Schedule, StepReport,
 };
+use gfn_core::losses::LossConfig;
 use gfn_core::parallel;
 use gfn_core::timing::PhaseSummary;
 use gfn_core::train::{Diagnostics, Evaluation, StepMetrics, TrainState};
 use gfn_ddp::ranks::DataParallel;
 use gfn_ddp::world::World;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -85,9 +89,56 @@ pub enum Outcome {
 
 /// Builds the state for `config` on `device` (sampling stream `stream`).
 pub fn build_state(config: &Config, device: Device, stream: u64) -> Result<TrainState> {
-    let train_config = config.train_config()?;
+    let mut train_config = config.train_config()?;
+    load_prior(&mut train_config.loss, config, device)?;
     let env = config.env.build()?;
     Ok(TrainState::new(env, train_config, device, stream)?)
+}
+
+/// Loads the prior policy of a relative objective (`loss.<name>.prior`, an earlier run's
+/// directory): its configuration rebuilds the estimators, its checkpoint sets them.
+fn load_prior(loss: &mut LossConfig, config: &Config, device: Device) -> Result<()> {
+    let key = loss.name.key();
+    let Some(prior) = loss.objective_mut().prior_mut() else {
+        return Ok(());
+    };
+    if prior.is_attached() {
+        return Ok(());
+    }
+    let dir = prior.run.clone();
+    if dir.as_os_str().is_empty() {
+        bail!("loss.{key}.prior is not set: {key} trains against the policy of an earlier run (its directory)");
+    }
+    let setting = || format!("loss.{key}.prior = {}", dir.display());
+    let prior_config = Config::from_file(&dir.join(CONFIG_FILE)).with_context(setting)?;
+    if prior_config.env != config.env {
+        let describe = |c: &Config| {
+            c.env
+                .build()
+                .map_or_else(|e| e.to_string(), |env| env.describe())
+        };
+        bail!(
+            "{}: that run trained {}, this one trains {}",
+            setting(),
+            describe(&prior_config),
+            describe(config)
+        );
+    }
+    let env = prior_config.env.build()?;
+    let estimators = prior_config
+        .train_config()
+        .with_context(setting)?
+        .estimator_config();
+    let mut policy = Estimators::new(
+        env.as_ref(),
+        estimators,
+        device,
+        &mut ChaCha8Rng::seed_from_u64(0),
+    )
+    .with_context(setting)?;
+    checkpoint::load_parameters(&mut policy, &dir.join(CHECKPOINT_FILE)).with_context(setting)?;
+    prior.attach(policy);
+    Ok(())
 }
 
 /// What a checkpoint of this run records about it, and a resume must match.

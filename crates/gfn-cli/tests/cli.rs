@@ -249,6 +249,78 @@ fn a_resumed_bitseq_run_matches_an_uninterrupted_one_bitwise() {
     }
 }
 
+fn summary_of(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
+/// Posteriors trained against an earlier run (`loss.<name>.prior`), with NoisyNet rollouts:
+/// the exact target is the tilted one, a resume is bitwise, Trust-PCL reports its soft value,
+/// and a prior of another environment is refused.
+#[test]
+fn relative_objectives_train_against_an_earlier_run() {
+    let prior = scratch("prior");
+    let result = train(&prior, 20, &[]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let rtb_prior = format!("loss.rtb.prior={:?}", prior.to_str().unwrap());
+    let rtb = [
+        "--set",
+        "loss.name=rtb",
+        "--set",
+        &rtb_prior,
+        "--set",
+        "loss.rtb.beta=2",
+        "--set",
+        "model.noisy_layers=1",
+    ];
+    let (a, b) = whole_and_resumed("rtb", |dir, steps| train(dir, steps, &rtb), 20, 40);
+    for key in ["loss", "exact_tv", "log_z", "true_log_z", "modes_found"] {
+        assert!(a.get(key).is_some(), "summary lacks {key}: {a}");
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    let untilted = summary_of(&prior)["true_log_z"].as_f64().unwrap();
+    let tilted = a["true_log_z"].as_f64().unwrap();
+    assert!((tilted - untilted).abs() > 0.1, "{tilted} vs {untilted}");
+
+    let out = scratch("trust-pcl");
+    let pcl_prior = format!("loss.trust_pcl.prior={:?}", prior.to_str().unwrap());
+    let pcl = [
+        "--set",
+        "loss.name=trust_pcl",
+        "--set",
+        &pcl_prior,
+        "--set",
+        "loss.trust_pcl.alpha=0.5",
+    ];
+    let result = train(&out, 10, &pcl);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let summary = summary_of(&out);
+    let (v_soft, log_z) = (summary["v_soft_s0"].as_f64(), summary["log_z"].as_f64());
+    assert!(
+        (v_soft.unwrap() - 0.5 * log_z.unwrap()).abs() < 1e-6,
+        "{summary}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+
+    let mut other_env = vec!["train", "--out", out.to_str().unwrap()];
+    other_env.extend_from_slice(&SMALL[4..]);
+    other_env.extend_from_slice(SMALL_BITSEQ);
+    other_env.extend_from_slice(&pcl);
+    assert_clean_error(
+        &gfn(&other_env),
+        &["loss.trust_pcl.prior", "that run trained"],
+    );
+    let _ = std::fs::remove_dir_all(out);
+    let _ = std::fs::remove_dir_all(prior);
+}
+
 #[test]
 fn the_env_section_is_the_named_environment_s_own() {
     let out = scratch("env-section");
@@ -424,6 +496,34 @@ fn bad_input_gets_a_one_line_error_naming_field_and_value() {
         (
             &["--set", "loss.subtb.lambda=0"],
             &["loss.subtb.lambda", "0"],
+        ),
+        (&["--set", "loss.name=rtb"], &["loss.rtb.prior", "not set"]),
+        (
+            &[
+                "--set",
+                "loss.name=rtb",
+                "--set",
+                "loss.rtb.prior='/no/such/run'",
+            ],
+            &["loss.rtb.prior", "/no/such/run", "config.toml"],
+        ),
+        (&["--set", "loss.rtb.beta=nan"], &["loss.rtb.beta", "NaN"]),
+        (
+            &["--set", "loss.trust_pcl.alpha=0"],
+            &["loss.trust_pcl.alpha", "0"],
+        ),
+        (
+            &["--set", "model.noisy_layers=3"],
+            &["model.noisy_layers", "3", "model.layers = 2"],
+        ),
+        (
+            &[
+                "--set",
+                "model.architecture=tabular",
+                "--set",
+                "model.noisy_layers=1",
+            ],
+            &["model.noisy_layers", "1", "mlp"],
         ),
     ];
     for (args, needles) in cases {

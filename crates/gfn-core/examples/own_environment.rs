@@ -207,6 +207,7 @@ fn config(seed: u64) -> TrainConfig {
             layers: 2,
         },
         backward: BackwardPolicy::Learned,
+        noisy: Default::default(),
         loss: LossConfig::new(LossKind::Tb),
         optimizer: OptimizerConfig::default(),
         batch_size: 16,

@@ -5,6 +5,7 @@
 //! the parameter layout) lets a resume refuse a different run; and non-finite parameters or
 //! moments are never written, so a diverged run cannot replace its last good checkpoint.
 
+use crate::estimators::Estimators;
 use crate::params::all_finite;
 use crate::replay::ReplayBuffer;
 use crate::train::TrainState;
@@ -118,7 +119,7 @@ pub fn save(state: &TrainState, path: &Path, identity: &RunIdentity) -> Result<(
         replay: state.replay.clone(),
         nonfinite_in_a_row: state.nonfinite_in_a_row,
         identity: identity.clone(),
-        layout: layout(state),
+        layout: layout(&state.estimators),
     };
     let meta = serde_json::to_vec(&meta).map_err(|e| checkpoint_error(path, e))?;
     let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu);
@@ -144,9 +145,8 @@ pub fn save(state: &TrainState, path: &Path, identity: &RunIdentity) -> Result<(
     Ok(())
 }
 
-fn layout(state: &TrainState) -> Vec<(String, Vec<i64>)> {
-    state
-        .estimators
+fn layout(estimators: &Estimators) -> Vec<(String, Vec<i64>)> {
+    estimators
         .params
         .specs()
         .iter()
@@ -170,6 +170,83 @@ fn checksum<'a>(tensors: impl Iterator<Item = &'a (String, Tensor)>) -> u32 {
     crc.finalize()
 }
 
+/// A checkpoint file, its checksum and format checked, not yet applied.
+struct Loaded<'a> {
+    path: &'a Path,
+    tensors: Vec<(String, Tensor)>,
+    meta: Metadata,
+}
+
+impl<'a> Loaded<'a> {
+    fn read(path: &'a Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(checkpoint_error(path, "no such file"));
+        }
+        let tensors = Tensor::load_multi(path).map_err(|e| {
+            // libtorch's message continues with a C++ backtrace: keep its first line.
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default().to_string();
+            checkpoint_error(path, format!("unreadable or corrupt ({first})"))
+        })?;
+        verify_checksum(path, &tensors)?;
+        let meta_bytes = find(path, &tensors, "meta")?;
+        let meta_bytes = Vec::<u8>::try_from(meta_bytes.to_kind(Kind::Uint8))
+            .map_err(|e| checkpoint_error(path, e))?;
+        let meta: Metadata = serde_json::from_slice(&meta_bytes)
+            .map_err(|e| checkpoint_error(path, format!("corrupt metadata ({e})")))?;
+        if meta.format != FORMAT_VERSION {
+            return Err(checkpoint_error(
+                path,
+                format!(
+                    "format {} is not the supported {FORMAT_VERSION}",
+                    meta.format
+                ),
+            ));
+        }
+        Ok(Loaded {
+            path,
+            tensors,
+            meta,
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<Tensor> {
+        find(self.path, &self.tensors, name)
+    }
+
+    /// A flat f32 tensor of `n` elements (parameters or a moment).
+    fn flat(&self, name: &str, n: usize) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.size() != [n as i64] || t.kind() != Kind::Float {
+            return Err(checkpoint_error(
+                self.path,
+                format!(
+                    "tensor `{name}` has shape {:?} and kind {:?}",
+                    t.size(),
+                    t.kind()
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// The parameters, once their layout is found to be that of `estimators`.
+    fn params_for(&self, estimators: &Estimators) -> Result<Tensor> {
+        if let Some(reason) = layout_difference(&self.meta.layout, &layout(estimators)) {
+            return Err(checkpoint_error(self.path, reason));
+        }
+        self.flat("params", estimators.params.len())
+    }
+}
+
+fn find(path: &Path, tensors: &[(String, Tensor)], name: &str) -> Result<Tensor> {
+    tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t.shallow_clone())
+        .ok_or_else(|| checkpoint_error(path, format!("missing tensor `{name}`")))
+}
+
 /// Restores `state` (built from the same configuration) from a checkpoint, after checking its
 /// checksum, that it belongs to the run `expected` (when given: a resume) and that its
 /// parameters have the layout of `state`'s. Returns the identity of the run that wrote it.
@@ -178,70 +255,23 @@ pub fn load(
     path: &Path,
     expected: Option<&RunIdentity>,
 ) -> Result<RunIdentity> {
-    if !path.exists() {
-        return Err(checkpoint_error(path, "no such file"));
-    }
-    let tensors = Tensor::load_multi(path).map_err(|e| {
-        // libtorch's message continues with a C++ backtrace: keep its first line.
-        let message = e.to_string();
-        let first = message.lines().next().unwrap_or_default().to_string();
-        checkpoint_error(path, format!("unreadable or corrupt ({first})"))
-    })?;
-    let get = |name: &str| {
-        tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.shallow_clone())
-            .ok_or_else(|| checkpoint_error(path, format!("missing tensor `{name}`")))
-    };
-    verify_checksum(path, &tensors)?;
-    let meta_bytes = get("meta")?;
-    let meta_bytes = Vec::<u8>::try_from(meta_bytes.to_kind(Kind::Uint8))
-        .map_err(|e| checkpoint_error(path, e))?;
-    let meta: Metadata = serde_json::from_slice(&meta_bytes)
-        .map_err(|e| checkpoint_error(path, format!("corrupt metadata ({e})")))?;
-    if meta.format != FORMAT_VERSION {
-        return Err(checkpoint_error(
-            path,
-            format!(
-                "format {} is not the supported {FORMAT_VERSION}",
-                meta.format
-            ),
-        ));
-    }
+    let loaded = Loaded::read(path)?;
+    let meta = &loaded.meta;
     if let Some(difference) = expected.and_then(|e| meta.identity.difference(e)) {
         return Err(checkpoint_error(
             path,
             format!("belongs to a different run: {difference}"),
         ));
     }
+    let params = loaded.params_for(&state.estimators)?;
     let n = state.estimators.params.len();
-    if let Some(reason) = layout_difference(&meta.layout, &layout(state)) {
-        return Err(checkpoint_error(path, reason));
-    }
-    let (params, exp_avg, exp_avg_sq) = (get("params")?, get("exp_avg")?, get("exp_avg_sq")?);
-    for (name, t) in [
-        ("params", &params),
-        ("exp_avg", &exp_avg),
-        ("exp_avg_sq", &exp_avg_sq),
-    ] {
-        if t.size() != [n as i64] || t.kind() != Kind::Float {
-            return Err(checkpoint_error(
-                path,
-                format!(
-                    "tensor `{name}` has shape {:?} and kind {:?}",
-                    t.size(),
-                    t.kind()
-                ),
-            ));
-        }
-    }
+    let (exp_avg, exp_avg_sq) = (loaded.flat("exp_avg", n)?, loaded.flat("exp_avg_sq", n)?);
     let word_pos: u128 = meta
         .rng_word_pos
         .parse()
         .map_err(|_| checkpoint_error(path, "corrupt RNG position"))?;
     let metric_state = |name: &str| {
-        let tensor = get(&format!("{METRIC_PREFIX}{name}")).ok()?;
+        let tensor = loaded.get(&format!("{METRIC_PREFIX}{name}")).ok()?;
         Vec::<u8>::try_from(tensor.to_kind(Kind::Uint8)).ok()
     };
     state
@@ -260,9 +290,18 @@ pub fn load(
     state.rng = rng;
     state.step = meta.step;
     state.trajectories = meta.trajectories;
-    state.replay = meta.replay;
+    state.replay = meta.replay.clone();
     state.nonfinite_in_a_row = meta.nonfinite_in_a_row;
-    Ok(meta.identity)
+    Ok(meta.identity.clone())
+}
+
+/// Sets `estimators` (built from the configuration of the run that wrote the checkpoint) to
+/// its parameters: a trained policy to use as it is, e.g. as a prior.
+pub fn load_parameters(estimators: &mut Estimators, path: &Path) -> Result<()> {
+    let loaded = Loaded::read(path)?;
+    let params = loaded.params_for(estimators)?;
+    estimators.params.copy_from(&params);
+    Ok(())
 }
 
 fn verify_checksum(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {

@@ -6,7 +6,8 @@
 //! - [`params`] and [`estimators`]: all parameters in one flat tensor (one buffer to all-reduce),
 //!   MLP, tabular and Transformer policies, state flows and log Z on tch.
 //! - [`trajectories`], [`sampler`], [`replay`]: rolling out batches with exploration, replay.
-//! - [`losses`]: TB, DB, SubTB, FM, ZVar, ModifiedDB as pure functions of a batch and the estimators.
+//! - [`losses`]: TB, DB, SubTB, FM, ZVar, ModifiedDB, and RTB, relative ZVar and Trust-PCL
+//!   against a prior policy, as pure functions of a batch and the estimators.
 //! - [`metrics`]: metric modules (exact distribution, modes, reward statistics, test-set
 //!   correlation, ELBO/EUBO) that observe training and compute at evaluations.
 //! - [`host_mlp`]: the plain-Rust linear layer that CPU rollouts run their policy with.

@@ -98,8 +98,7 @@ impl ParamStoreBuilder {
     /// Adds a parameter drawn from N(0, 1) (Box–Muller, in f64).
     pub fn add_normal(&mut self, name: &str, shape: &[i64], rng: &mut impl Rng) -> ParamId {
         self.add(name, shape, ParamGroup::Network, || {
-            let (u, v): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
-            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            standard_normal(rng) as f32
         })
     }
 
@@ -178,6 +177,33 @@ impl ParamStore {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn spec(&self, id: ParamId) -> &ParamSpec {
+        &self.specs[id.0]
+    }
+
+    /// One parameter's values, copied.
+    pub fn value(&self, id: ParamId) -> Tensor {
+        self.slice(id).copy()
+    }
+
+    /// Overwrites one parameter with `values` (its shape flattened).
+    pub fn set(&mut self, id: ParamId, values: &Tensor) {
+        tch::no_grad(|| self.slice(id).copy_(values));
+    }
+
+    /// Adds `delta` (host values, the parameter's shape flattened) to one parameter.
+    pub fn add_to(&mut self, id: ParamId, delta: &[f32]) {
+        let delta = Tensor::from_slice(delta).to_device(self.device);
+        tch::no_grad(|| {
+            let _ = self.slice(id).g_add_(&delta);
+        });
+    }
+
+    fn slice(&self, id: ParamId) -> Tensor {
+        let spec = &self.specs[id.0];
+        self.flat.narrow(0, spec.offset as i64, spec.numel() as i64)
     }
 
     /// The flat tensor that stores every parameter (update it only under `no_grad`).
@@ -267,6 +293,12 @@ impl ParamStore {
         Vec::<f32>::try_from(self.flat.detach().to_device(Device::Cpu))
             .expect("flat parameters are f32")
     }
+}
+
+/// One draw of N(0, 1) (Box–Muller).
+pub fn standard_normal(rng: &mut impl Rng) -> f64 {
+    let (u, v): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
 }
 
 /// Parameter tensors indexed by [`ParamId`].

@@ -6,11 +6,13 @@ use crate::bounds::{self, product, Demand};
 use crate::env::{Environment, NO_ACTION};
 use crate::estimators::{
     additive_mask, masked_log_softmax, Architecture, BackwardPolicy, EstimatorConfig, Estimators,
+    NoisyConfig, ParameterNoise,
 };
 use crate::fit::{BatchSource, LocalReplay};
 use crate::losses::{
-    estimated_log_z, loss_and_backward, pool_pays, trajectory_log_probs, LossConfig,
+    estimated_log_z, log_importance_weights, loss_and_backward, pool_pays, LossConfig,
 };
+use crate::metrics::exact::{exact_terminating_distribution, forward_policy_table};
 use crate::metrics::{EvalContext, MetricSet, MetricsConfig, Values};
 use crate::optim::{Adam, OptimizerConfig, ReducedGradient};
 use crate::parallel::{resolve_threads, training_pool, with_intra_op_threads, ThreadPool};
@@ -51,6 +53,8 @@ impl ReplayConfig {
 pub struct TrainConfig {
     pub architecture: Architecture,
     pub backward: BackwardPolicy,
+    /// NoisyNet exploration on P_F's last layers (rollouts only).
+    pub noisy: NoisyConfig,
     pub loss: LossConfig,
     pub optimizer: OptimizerConfig,
     pub batch_size: usize,
@@ -178,12 +182,25 @@ impl TrainConfig {
         Ok(demands)
     }
 
+    /// The exact target of the objective: R/Z, or relative to a prior p_prior(x)·R(x)^β / Z
+    /// (the prior's terminating distribution propagated exactly over the DAG).
+    fn target(&self, env: &dyn Environment, truth: GroundTruth) -> Result<GroundTruth> {
+        let Some((prior, beta)) = self.loss.objective().relative_to() else {
+            return Ok(truth);
+        };
+        let table = prior
+            .with_policy(|prior| forward_policy_table(env, prior))
+            .expect("the objective's validation requires a loaded prior")?;
+        Ok(truth.tilted(&exact_terminating_distribution(env, &table), beta))
+    }
+
     /// What the objective asks of the environment.
     fn validate_for(&self, env: &dyn Environment) -> Result<()> {
         self.loss.objective().validate_for(env)
     }
 
-    fn estimator_config(&self) -> EstimatorConfig {
+    /// The estimators this configuration builds (a prior's are rebuilt from its own).
+    pub fn estimator_config(&self) -> EstimatorConfig {
         EstimatorConfig::for_objective(
             self.architecture,
             self.backward,
@@ -354,6 +371,8 @@ pub struct TrainState {
     pub nonfinite_in_a_row: u64,
     /// Time spent in each phase since this state was built (not checkpointed).
     pub times: PhaseTimes,
+    /// NoisyNet's noise on P_F, drawn for every rollout ([`TrainConfig::noisy`]).
+    noise: Option<ParameterNoise>,
     /// Helper threads for rollouts, the update and Adam (CPU, several threads, where
     /// [`pool_pays`]); see [`crate::parallel`].
     pool: Option<ThreadPool>,
@@ -376,7 +395,7 @@ impl TrainState {
         config.check_resources(env.as_ref(), device)?;
         set_flush_on_this_thread(true);
         let (truth, no_truth) = match GroundTruth::enumerate(env.as_ref()) {
-            Ok(truth) => (Some(truth), None),
+            Ok(truth) => (Some(config.target(env.as_ref(), truth)?), None),
             Err(e @ (Error::NotEnumerable { .. } | Error::TooLargeToEnumerate { .. })) => {
                 (None, Some(e.to_string()))
             }
@@ -389,6 +408,7 @@ impl TrainState {
             device,
             &mut init_rng,
         )?;
+        let noise = ParameterNoise::new(&estimators, config.noisy)?;
         let optimizer = Adam::new(&estimators.params, config.optimizer);
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(stream + 1);
@@ -434,6 +454,7 @@ impl TrainState {
             metrics,
             nonfinite_in_a_row: 0,
             times: PhaseTimes::default(),
+            noise,
             pool,
             threads,
         })
@@ -451,6 +472,10 @@ impl TrainState {
             temperature: self.config.temperature,
         };
         let n = self.config.batch_size;
+        let noise = self
+            .noise
+            .as_ref()
+            .map(|noise| noise.perturb(&mut self.estimators.params, &mut self.rng));
         let env = self.env.as_ref();
         let batch = match &self.pool {
             Some(pool) => sample_trajectories_parallel(
@@ -462,7 +487,11 @@ impl TrainState {
                 &mut self.rng,
             ),
             None => sample_trajectories(env, &self.estimators, n, exploration, &mut self.rng),
-        }?;
+        };
+        if let Some(noise) = noise {
+            noise.restore(&mut self.estimators.params);
+        }
+        let batch = batch?;
         self.metrics.observe(env, &batch);
         self.trajectories += n as u64;
         Ok(batch)
@@ -608,11 +637,12 @@ impl TrainState {
         let env = self.env.as_ref();
         let n = batch.len().max(1) as f64;
         let mean = |values: &mut dyn Iterator<Item = f64>| values.sum::<f64>() / n;
-        let (log_pf, log_pb) = trajectory_log_probs(env, &self.estimators, batch);
+        let relative = self.config.loss.objective().relative_to();
+        let weights = log_importance_weights(relative, env, &self.estimators, batch);
         let rewards = &batch.log_rewards;
         Diagnostics {
             entropy: self.policy_entropy(batch),
-            elbo: mean(&mut (0..batch.len()).map(|b| log_pb[b] + rewards[b] as f64 - log_pf[b])),
+            elbo: mean(&mut weights.into_iter()),
             mean_reward: mean(&mut rewards.iter().map(|&r| (r as f64).exp())),
             mean_log_reward: mean(&mut rewards.iter().map(|&r| r as f64)),
             mean_length: batch.n_states() as f64 / n,
@@ -673,6 +703,7 @@ impl TrainState {
             env: self.env.as_ref(),
             estimators: &self.estimators,
             truth: self.truth.as_ref(),
+            relative: self.config.loss.objective().relative_to(),
             rng,
         };
         let metrics = &mut self.metrics;
@@ -688,6 +719,7 @@ impl TrainState {
             &self.estimators,
         ) {
             values.push(("log_z".into(), log_z));
+            values.extend(self.config.loss.objective().values_from_log_z(log_z));
         }
         values.extend(computed);
         Ok(Evaluation { values })
@@ -712,6 +744,7 @@ mod tests {
                     layers: 2,
                 },
                 backward: BackwardPolicy::Learned,
+                noisy: Default::default(),
                 loss: LossConfig::new(LossKind::Tb),
                 optimizer: OptimizerConfig::default(),
                 batch_size: 4,

@@ -82,8 +82,12 @@ pub struct GroundTruth {
     /// log R per state index; `-inf` where no trajectory ends (not a terminal state, or not
     /// reachable).
     pub log_rewards: Vec<f64>,
+    /// log of the unnormalised target per state index: log R(x), or, relative to a prior
+    /// ([`GroundTruth::tilted`]), log p_prior(x) + β·log R(x).
+    pub log_target: Vec<f64>,
+    /// log Σ_x of the unnormalised target.
     pub log_z: f64,
-    /// π(x) = R(x) / Z per state index.
+    /// π(x) = target(x) / Z per state index (R(x) / Z unless tilted).
     pub probabilities: Vec<f64>,
 }
 
@@ -108,14 +112,36 @@ impl GroundTruth {
         for (&i, &lr) in rows.iter().zip(&log_r32) {
             log_rewards[i] = lr as f64;
         }
-        let log_z = log_sum_exp(&log_rewards);
-        let probabilities = log_rewards.iter().map(|&lr| (lr - log_z).exp()).collect();
-        Ok(GroundTruth {
-            n_states: terminal.len(),
+        Ok(GroundTruth::normalised(log_rewards.clone(), log_rewards))
+    }
+
+    fn normalised(log_rewards: Vec<f64>, log_target: Vec<f64>) -> Self {
+        let log_z = log_sum_exp(&log_target);
+        let probabilities = log_target.iter().map(|&lt| (lt - log_z).exp()).collect();
+        GroundTruth {
+            n_states: log_rewards.len(),
             log_rewards,
+            log_target,
             log_z,
             probabilities,
-        })
+        }
+    }
+
+    /// The target of an objective relative to a prior: p_prior(x)·R(x)^β / Z, from the exact
+    /// probability `prior` (per state index) that the prior policy terminates in x.
+    pub fn tilted(&self, prior: &[f64], beta: f64) -> Self {
+        let log_target = self
+            .log_rewards
+            .iter()
+            .zip(prior)
+            .map(
+                |(&log_r, &p)| match log_r == f64::NEG_INFINITY || p <= 0.0 {
+                    true => f64::NEG_INFINITY,
+                    false => p.ln() + beta * log_r,
+                },
+            )
+            .collect();
+        GroundTruth::normalised(self.log_rewards.clone(), log_target)
     }
 }
 

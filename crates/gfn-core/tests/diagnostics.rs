@@ -14,6 +14,7 @@ fn tabular(max_grad_norm: f64) -> TrainState {
     let config = TrainConfig {
         architecture: Architecture::Tabular,
         backward: BackwardPolicy::Uniform,
+        noisy: Default::default(),
         optimizer: OptimizerConfig {
             eps: 1.0,
             weight_decay: 0.0,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{grid, small_bitseq};
+use common::{grid, small_bitseq, with_prior};
 use gfn_core::env::{BitSeq, Environment};
 use gfn_core::estimators::{
     Architecture, BackwardPolicy, EstimatorConfig, Estimators, TransformerConfig,
@@ -21,11 +21,16 @@ fn loss_gradients_match_finite_differences() {
         hidden: 6,
         layers: 1,
     };
-    check_gradients(&grid(2, 3, 0.1), mlp, &configs(LossKind::ALL), 1e-2);
+    let env = grid(2, 3, 0.1);
+    check_gradients(&env, mlp, &configs(&env, LossKind::ALL), 1e-2);
 }
 
-fn configs(kinds: &[LossKind]) -> Vec<LossConfig> {
-    kinds.iter().map(|&k| LossConfig::new(k)).collect()
+/// Each objective's default settings, a prior attached to the relative ones.
+fn configs(env: &dyn Environment, kinds: &[LossKind]) -> Vec<LossConfig> {
+    kinds
+        .iter()
+        .map(|&k| with_prior(env, LossConfig::new(k)))
+        .collect()
 }
 
 #[test]
@@ -34,6 +39,7 @@ fn every_regression_of_every_loss_has_the_gradient_of_its_finite_differences() {
         hidden: 6,
         layers: 1,
     };
+    let env = grid(2, 3, 0.1);
     let mut cases = Vec::new();
     for (regression, linex_alpha) in [
         (Regression::HalfSquared, 1.0),
@@ -42,14 +48,15 @@ fn every_regression_of_every_loss_has_the_gradient_of_its_finite_differences() {
         (Regression::Linex, -0.5),
     ] {
         for &name in LossKind::ALL {
-            cases.push(LossConfig {
-                regression,
+            let config = LossConfig {
+                regression: Some(regression),
                 linex_alpha,
                 ..LossConfig::new(name)
-            });
+            };
+            cases.push(with_prior(&env, config));
         }
     }
-    check_gradients(&grid(2, 3, 0.1), mlp, &cases, 1e-2);
+    check_gradients(&env, mlp, &cases, 1e-2);
 }
 
 /// On one trajectory TB has one residual r: squared gives r², and every other regression
@@ -82,7 +89,7 @@ fn a_regression_applies_its_formula_to_the_balance_residual() {
         let one = batch.subset(b..b + 1);
         let loss = |regression: Regression, alpha: f64| {
             let config = LossConfig {
-                regression,
+                regression: Some(regression),
                 linex_alpha: alpha,
                 ..LossConfig::new(LossKind::Tb)
             };
@@ -126,12 +133,8 @@ fn transformer_gradients_match_finite_differences_for_every_loss() {
     ];
     // A smaller step than the MLP's: f32 rounding bounds h from below, and the feed-forward
     // ReLUs' kinks within h of a pre-activation (more of them here) bound it from above.
-    check_gradients(
-        &BitSeq::new(small_bitseq(2)).unwrap(),
-        transformer,
-        &configs(&kinds),
-        1e-3,
-    );
+    let env = BitSeq::new(small_bitseq(2)).unwrap();
+    check_gradients(&env, transformer, &configs(&env, &kinds), 1e-3);
 }
 
 /// Central differences with step `h` on every parameter against autograd, per loss.

@@ -93,6 +93,7 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
     let needs = BatchNeeds {
         clip_min: f32::NEG_INFINITY,
         state_log_rewards: false,
+        prior: None,
     };
     let prepared = prepare(&env, &est, &batch, needs);
     let distinct = prepared.input.size()[0] as usize;

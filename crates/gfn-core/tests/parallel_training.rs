@@ -87,7 +87,7 @@ fn split_backward_gives_the_one_thread_loss_and_gradients() {
                     &mut ChaCha8Rng::seed_from_u64(8),
                 )
                 .unwrap();
-                let config = LossConfig::new(kind);
+                let config = common::with_prior(&env, LossConfig::new(kind));
                 let (loss_1, grad_1) = loss_and_gradient(&env, &mut est, &config, &batch, 1);
                 let case = format!("{kind:?} {architecture:?} {backward:?}");
                 assert!(

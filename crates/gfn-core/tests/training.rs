@@ -23,6 +23,7 @@ fn config(kind: LossKind) -> TrainConfig {
             layers: 2,
         },
         backward: BackwardPolicy::Learned,
+        noisy: Default::default(),
         loss: LossConfig::new(kind),
         optimizer: OptimizerConfig::default(),
         batch_size: 16,
@@ -109,6 +110,7 @@ fn bitseq_config(kind: LossKind) -> TrainConfig {
             layers: 2,
         },
         backward: BackwardPolicy::Uniform,
+        noisy: Default::default(),
         epsilon: EpsilonSchedule {
             start: 0.01,
             end: 0.01,

@@ -174,6 +174,7 @@ fn state(kind: LossKind, max_grad_norm: f64, stream: u64) -> TrainState {
             layers: 2,
         },
         backward: BackwardPolicy::Learned,
+        noisy: Default::default(),
         loss: LossConfig::new(kind),
         optimizer: OptimizerConfig {
             max_grad_norm,

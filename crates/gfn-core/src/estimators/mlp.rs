@@ -125,4 +125,9 @@ impl Network for Mlp {
         crate::host_mlp::linear(x, host(out.weight), b, rows, false, logits);
         true
     }
+
+    fn pf_chain(&self) -> Option<Vec<&Linear>> {
+        let head = self.pf.as_ref()?;
+        Some(self.trunk.iter().chain([head]).collect())
+    }
 }

@@ -6,10 +6,12 @@
 
 mod linear;
 mod mlp;
+mod noisy;
 mod tabular;
 mod transformer;
 
 pub use mlp::HostScratch;
+pub use noisy::{NoisyConfig, ParameterNoise, Unperturb};
 pub use transformer::TransformerConfig;
 
 use crate::env::Environment;
@@ -176,6 +178,11 @@ pub(crate) trait Network: Send + Sync {
     ) -> bool {
         false
     }
+    /// The affine layers from the input to P_F's logits, in order, where the network is such a
+    /// chain (the MLP): NoisyNet perturbs the last of them.
+    fn pf_chain(&self) -> Option<Vec<&linear::Linear>> {
+        None
+    }
 }
 
 impl Architecture {
@@ -314,6 +321,11 @@ impl Estimators {
             .log_z
             .then(|| b.add("log_z", &[1], ParamGroup::LogZ, || 0.0));
         Ok((networks, log_z))
+    }
+
+    /// P_F's affine layers from input to logits, where its network is such a chain.
+    fn pf_chain(&self) -> Option<Vec<&linear::Linear>> {
+        self.networks[0].pf_chain()
     }
 
     pub fn config(&self) -> &EstimatorConfig {

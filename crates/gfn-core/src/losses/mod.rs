@@ -6,17 +6,25 @@
 mod db;
 mod fm;
 mod modified_db;
+mod prior;
 mod regression;
+mod relative_zvar;
+mod rtb;
 mod subtb;
 mod tb;
+mod trust_pcl;
 mod zvar;
 
 pub use db::DetailedBalance;
 pub use fm::{flow_matching, FlowMatching};
 pub use modified_db::ModifiedDetailedBalance;
+pub use prior::Prior;
 pub use regression::{Regression, Residuals};
+pub use relative_zvar::RelativeLogPartitionVariance;
+pub use rtb::RelativeTrajectoryBalance;
 pub use subtb::{sub_trajectory_balance, subtb_weights, SubTbWeighting, SubTrajectoryBalance};
 pub use tb::TrajectoryBalance;
+pub use trust_pcl::TrustPcl;
 pub use zvar::LogPartitionVariance;
 
 use crate::env::{exit_action, Environment, NO_ACTION};
@@ -51,6 +59,8 @@ pub enum LogZEstimate {
     OutflowOfInitial,
     /// log R(s0) − log P_F(exit | s0), where every state can exit.
     ExitAtInitial,
+    /// No estimate (the relative log-partition variance learns none).
+    None,
 }
 
 /// How an objective reads the networks.
@@ -80,6 +90,24 @@ pub trait Objective: Send + Sync {
         trajectories * max_length
     }
     fn log_z_estimate(&self) -> LogZEstimate;
+    /// The prior and reward exponent β of an objective relative to a prior policy: its target
+    /// is then p_prior(x)·R(x)^β / Z.
+    fn relative_to(&self) -> Option<(&Prior, f64)> {
+        None
+    }
+    /// Mutable access to that prior, for the binary to load it.
+    fn prior_mut(&mut self) -> Option<&mut Prior> {
+        None
+    }
+    /// The regression applied to residuals when `loss.regression` is not set (torchgfn's
+    /// default for the objective).
+    fn default_regression(&self) -> Regression {
+        Regression::Squared
+    }
+    /// Values the objective reports from its log Z estimate at every evaluation.
+    fn values_from_log_z(&self, _log_z: f64) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 pub trait PerStateLoss {
@@ -121,6 +149,13 @@ macro_rules! objectives {
         impl LossKind {
             pub const ALL: &'static [LossKind] = &[$(LossKind::$variant,)+];
 
+            /// The name, as `loss.name` and the objective's section spell it.
+            pub fn key(self) -> &'static str {
+                match self {
+                    $(LossKind::$variant => stringify!($key),)+
+                }
+            }
+
             /// The names, as `loss.name` spells them.
             pub fn names() -> String {
                 [$(stringify!($key),)+].join(", ")
@@ -135,8 +170,10 @@ macro_rules! objectives {
             pub name: LossKind,
             /// Lower clip of log-rewards inside the losses (torchgfn's `log_reward_clip_min`).
             pub log_reward_clip_min: f32,
-            /// g applied to every balance residual (torchgfn's `loss_fn`).
-            pub regression: Regression,
+            /// g applied to every balance residual (torchgfn's `loss_fn`); unset: the
+            /// objective's own default (squared; half-squared for the relative objectives).
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub regression: Option<Regression>,
             /// α of `regression = "linex"`.
             pub linex_alpha: f64,
             $(
@@ -150,7 +187,7 @@ macro_rules! objectives {
                 LossConfig {
                     name: LossKind::Tb,
                     log_reward_clip_min: f32::NEG_INFINITY,
-                    regression: Regression::Squared,
+                    regression: None,
                     linex_alpha: 1.0,
                     $($key: <$objective>::default(),)+
                 }
@@ -162,6 +199,12 @@ macro_rules! objectives {
             pub fn objective(&self) -> &dyn Objective {
                 match self.name {
                     $(LossKind::$variant => &self.$key,)+
+                }
+            }
+
+            pub fn objective_mut(&mut self) -> &mut dyn Objective {
+                match self.name {
+                    $(LossKind::$variant => &mut self.$key,)+
                 }
             }
 
@@ -180,6 +223,9 @@ objectives! {
     Fm(FlowMatching) = fm,
     Zvar(LogPartitionVariance) = zvar,
     ModifiedDb(ModifiedDetailedBalance) = modified_db,
+    Rtb(RelativeTrajectoryBalance) = rtb,
+    RelativeZvar(RelativeLogPartitionVariance) = relative_zvar,
+    TrustPcl(TrustPcl) = trust_pcl,
 }
 
 impl LossConfig {
@@ -192,9 +238,15 @@ impl LossConfig {
 
     pub fn residuals(&self) -> Residuals {
         Residuals {
-            regression: self.regression,
+            regression: self.regression(),
             linex_alpha: self.linex_alpha,
         }
+    }
+
+    /// `regression`, or the objective's default.
+    pub fn regression(&self) -> Regression {
+        self.regression
+            .unwrap_or_else(|| self.objective().default_regression())
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -205,7 +257,7 @@ impl LossConfig {
                 "must be a number",
             ));
         }
-        self.regression.validate(self.linex_alpha)?;
+        self.regression().validate(self.linex_alpha)?;
         self.every_objective()
             .into_iter()
             .try_for_each(|objective| objective.validate())
@@ -213,19 +265,31 @@ impl LossConfig {
 }
 
 /// What [`prepare`] builds besides what every objective uses.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BatchNeeds {
+#[derive(Debug, Clone, Copy)]
+pub struct BatchNeeds<'a> {
     /// Lower clip of log-rewards (torchgfn's `log_reward_clip_min`).
     pub clip_min: f32,
     /// log R(s) of every state, not only of each trajectory's x (modified detailed balance).
     pub state_log_rewards: bool,
+    /// The prior whose Σ log P_F(τ) the relative objectives compare against.
+    pub prior: Option<&'a Prior>,
 }
 
-impl BatchNeeds {
-    pub fn of(config: &LossConfig) -> Self {
+impl<'a> BatchNeeds<'a> {
+    pub fn of(config: &'a LossConfig) -> Self {
+        let objective = config.objective();
         BatchNeeds {
             clip_min: config.log_reward_clip_min,
-            state_log_rewards: config.objective().needs().state_log_rewards,
+            state_log_rewards: objective.needs().state_log_rewards,
+            prior: objective.relative_to().map(|(prior, _)| prior),
+        }
+    }
+
+    /// Only what the networks' forward pass reads (a share of a batch being evaluated).
+    fn networks_only(self) -> Self {
+        BatchNeeds {
+            prior: None,
+            ..self
         }
     }
 }
@@ -277,6 +341,8 @@ pub struct PreparedBatch {
     pub log_rewards: Tensor,
     /// Clipped log R(s) per state (for losses that treat every state as terminating).
     pub state_log_rewards: Option<Tensor>,
+    /// Σ log P_F^prior(τ) per trajectory, for the relative objectives.
+    pub prior_log_pf: Option<Tensor>,
 }
 
 impl PreparedBatch {
@@ -369,7 +435,7 @@ pub fn prepare(
     } else {
         (0..s).map(|i| i + 1 < s && is_last[i + 1]).collect()
     };
-    PreparedBatch {
+    let mut prepared = PreparedBatch {
         n_trajectories: batch.len(),
         offsets: batch.offsets.clone(),
         exits,
@@ -393,7 +459,12 @@ pub fn prepare(
         next_index: host_tensor(&next_index, device),
         log_rewards: host_tensor(&log_rewards, device),
         state_log_rewards,
+        prior_log_pf: None,
+    };
+    if let Some(prior) = needs.prior {
+        prepared.prior_log_pf = prior.trajectory_log_pf(env, &unique.rows, &prepared);
     }
+    prepared
 }
 
 /// Estimator outputs on every state of a batch.
@@ -556,6 +627,7 @@ pub fn trajectory_log_probs(
         let needs = BatchNeeds {
             clip_min: f32::NEG_INFINITY,
             state_log_rewards: false,
+            prior: None,
         };
         let prepared = prepare(env, estimators, batch, needs);
         let wanted = Wanted {
@@ -574,6 +646,33 @@ pub fn trajectory_log_probs(
         };
         (sums(&ev.log_pf), sums(&ev.log_pb))
     })
+}
+
+/// log of the importance weight target(τ)/P_F(τ) of each trajectory, whose mean under P_F is
+/// the ELBO, a lower bound on log Z: log P_B(τ|x) + log R(x) − log P_F(τ), or relative to a
+/// prior at β (`Objective::relative_to`) log p_prior(τ) + β·log R(x) − log P_F(τ).
+pub fn log_importance_weights(
+    relative: Option<(&Prior, f64)>,
+    env: &dyn Environment,
+    estimators: &Estimators,
+    batch: &Trajectories,
+) -> Vec<f64> {
+    let (log_pf, log_pb) = trajectory_log_probs(env, estimators, batch);
+    let log_r = batch.log_rewards.iter().map(|&r| r as f64);
+    let prior = relative.and_then(|(prior, beta)| {
+        let log_prior = prior.with_policy(|p| trajectory_log_probs(env, p, batch).0)?;
+        Some((log_prior, beta))
+    });
+    match prior {
+        Some((log_prior, beta)) => log_r
+            .zip(log_prior.iter().zip(&log_pf))
+            .map(|(r, (prior, pf))| prior + beta * r - pf)
+            .collect(),
+        None => log_r
+            .zip(log_pb.iter().zip(&log_pf))
+            .map(|(r, (pb, pf))| pb + r - pf)
+            .collect(),
+    }
 }
 
 /// The loss of `config`'s objective on a batch of trajectories.
@@ -710,7 +809,7 @@ pub fn loss_and_backward(
             let ranges = even_shares(batch.len(), *shares).enumerate();
             map_on_pool(pool, ranges.collect(), |(set, range)| {
                 let estimators = shared_estimators.get();
-                let share = prepare(env, estimators, &batch.subset(range), needs);
+                let share = prepare(env, estimators, &batch.subset(range), needs.networks_only());
                 let all = estimators.all_outputs();
                 let p = estimators.params.views_of(set);
                 evaluate_networks(estimators, &p, &share, exit_action, all)
@@ -792,6 +891,7 @@ pub fn estimated_log_z(
                 env.log_reward(&s0, &mut log_r);
                 -masked_log_softmax(&logits, &mask).select(1, exit as i64) + log_r[0] as f64
             }
+            LogZEstimate::None => return None,
         };
         Some(value.double_value(&[0]))
     })

@@ -1,5 +1,6 @@
 //! The EUBO, E_{x~R/Z, τ~P_B(·|x)}[log P_B(τ|x) + log R(x) − log P_F(τ)], an upper bound on
 //! log Z (gfnx's EUBO), where the target can be sampled exactly: enumerable environments.
+//! Relative to a prior, R(x) is the tilted target p_prior(x)·R(x)^β.
 
 use super::{EvalContext, Metric, Values};
 use crate::env::Environment;
@@ -59,8 +60,9 @@ impl Metric for Eubo {
             }
             let batch = backward_rollout(env, ctx.estimators, &states, &mut ctx.rng)?;
             let (log_pf, log_pb) = trajectory_log_probs(env, ctx.estimators, &batch);
-            for b in 0..batch.len() {
-                total += log_pb[b] + batch.log_rewards[b] as f64 - log_pf[b];
+            // The target's own log-weight: log R(x), or with a prior log p_prior(x) + β log R(x).
+            for (b, &i) in chunk.iter().enumerate() {
+                total += log_pb[b] + truth.log_target[i] - log_pf[b];
             }
         }
         Ok(vec![("eubo".into(), total / self.samples as f64)])

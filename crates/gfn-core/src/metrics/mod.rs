@@ -19,6 +19,7 @@ pub mod samples;
 
 use crate::env::Environment;
 use crate::estimators::Estimators;
+use crate::losses::Prior;
 use crate::trajectories::Trajectories;
 use crate::truth::GroundTruth;
 use crate::{Error, Result};
@@ -30,6 +31,8 @@ pub struct EvalContext<'a> {
     pub env: &'a dyn Environment,
     pub estimators: &'a Estimators,
     pub truth: Option<&'a GroundTruth>,
+    /// The prior and β of an objective relative to a prior (whose target is then tilted).
+    pub relative: Option<(&'a Prior, f64)>,
     /// Derived from the seed and the step, so evaluating never moves the training RNG.
     pub rng: ChaCha8Rng,
 }

@@ -3,7 +3,7 @@
 //! E_{τ~P_F}[log P_B(τ|x) + log R(x) − log P_F(τ)], a lower bound on log Z.
 
 use super::{EvalContext, Metric, MetricsConfig, Values};
-use crate::losses::trajectory_log_probs;
+use crate::losses::log_importance_weights;
 use crate::sampler::{sample_trajectories, Exploration};
 use crate::Result;
 
@@ -52,12 +52,9 @@ impl Metric for OnPolicySamples {
                 Exploration::ON_POLICY,
                 &mut ctx.rng,
             )?;
-            let (log_pf, log_pb) = trajectory_log_probs(ctx.env, ctx.estimators, &batch);
-            for b in 0..batch.len() {
-                let log_r = batch.log_rewards[b] as f64;
-                elbo += log_pb[b] + log_r - log_pf[b];
-                log_rewards.push(log_r);
-            }
+            let weights = log_importance_weights(ctx.relative, ctx.env, ctx.estimators, &batch);
+            elbo += weights.iter().sum::<f64>();
+            log_rewards.extend(batch.log_rewards.iter().map(|&r| r as f64));
         }
         let n = log_rewards.len() as f64;
         let mut rewards: Vec<f64> = log_rewards.iter().map(|l| l.exp()).collect();

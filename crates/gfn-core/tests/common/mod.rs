@@ -4,7 +4,7 @@
 use gfn_core::env::{
     BitSeqConfig, Environment, HyperGrid, HyperGridConfig, RewardPreset, Termination,
 };
-use gfn_core::estimators::{Architecture, BackwardPolicy, Estimators};
+use gfn_core::estimators::{Architecture, BackwardPolicy, EstimatorConfig, Estimators};
 use gfn_core::losses::{LossConfig, LossKind};
 use gfn_core::metrics::MetricsConfig;
 use gfn_core::optim::OptimizerConfig;
@@ -13,6 +13,7 @@ use gfn_core::replay::ReplayPolicy;
 use gfn_core::sampler::EpsilonSchedule;
 use gfn_core::train::{ReplayConfig, TrainConfig};
 use gfn_core::truth::{all_states, can_terminate};
+use rand::SeedableRng;
 use tch::Tensor;
 
 /// TB with an MLP of two `hidden`-wide layers and a learned P_B, batches of 8 with ε = 0.1,
@@ -21,6 +22,7 @@ pub fn small_tb_config(hidden: usize, replay_capacity: usize) -> TrainConfig {
     TrainConfig {
         architecture: Architecture::Mlp { hidden, layers: 2 },
         backward: BackwardPolicy::Learned,
+        noisy: Default::default(),
         loss: LossConfig::new(LossKind::Tb),
         optimizer: OptimizerConfig::default(),
         batch_size: 8,
@@ -151,6 +153,25 @@ pub fn optimal_flows(
         log_pf,
         log_edge_flow,
     }
+}
+
+/// `config` with, for an objective relative to a prior, a prior attached: a seeded MLP P_F
+/// of two 8-wide layers (a policy of its own, unlike any the tests train).
+pub fn with_prior(env: &dyn Environment, mut config: LossConfig) -> LossConfig {
+    if let Some(prior) = config.objective_mut().prior_mut() {
+        let estimators = EstimatorConfig {
+            architecture: Architecture::Mlp {
+                hidden: 8,
+                layers: 2,
+            },
+            backward: BackwardPolicy::Uniform,
+            log_flow: false,
+            log_z: false,
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+        prior.attach(Estimators::new(env, estimators, tch::Device::Cpu, &mut rng).unwrap());
+    }
+    config
 }
 
 /// Overwrites the named parameter (e.g. `pf.table`) with `values` (−inf entries become 0:
