@@ -9,8 +9,9 @@ set -euo pipefail
 GFN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCH_VERSION="2.11.0"
 VENV="${GFN_VENV:-$GFN_ROOT/.venv}"
-# g++: gfn-core compiles its CPU attention against libtorch.
-APT_PACKAGES=(g++ libclang-dev libopenmpi-dev openmpi-bin pkg-config)
+# g++: gfn-core compiles its CPU attention against libtorch. libgloo-dev: the gloo backend
+# (torchrun on CPUs).
+APT_PACKAGES=(g++ libclang-dev libgloo-dev libopenmpi-dev openmpi-bin pkg-config)
 # Debian's python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import ensurepip' 2>/dev/null || APT_PACKAGES+=(python3-venv)
 

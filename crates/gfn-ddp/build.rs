@@ -9,6 +9,27 @@ fn main() {
     torch_rpath::main();
     #[cfg(feature = "mpi")]
     mpi_in_place();
+    #[cfg(feature = "gloo")]
+    gloo_shim();
+}
+
+/// The C++ shim over gloo (Debian's libgloo-dev). libtorch exports a gloo of its own, of
+/// another version: libgloo is named here, before libtorch on the link line, so that its
+/// symbols are the ones every gloo call binds to (the backend checks this at start-up).
+#[cfg(feature = "gloo")]
+fn gloo_shim() {
+    const SHIM: &str = "src/backends/gloo_shim.cc";
+    println!("cargo:rerun-if-changed={SHIM}");
+    if !std::path::Path::new("/usr/include/gloo/context.h").exists() {
+        panic!("gloo headers not found: install libgloo-dev (launch/setup.sh does), or build without the `gloo` feature");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file(SHIM)
+        .warnings(false)
+        .compile("gfn_gloo_shim");
+    println!("cargo:rustc-link-lib=dylib=gloo");
 }
 
 #[cfg(feature = "mpi")]

@@ -122,13 +122,15 @@ fn memory_per_rank() -> Option<u64> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DdpSection {
-    /// auto (NCCL with CUDA, else MPI; local for one rank), nccl, mpi or local.
+    /// auto (local for one rank; else NCCL with CUDA, gloo under torchrun, MPI otherwise),
+    /// nccl, mpi, gloo or local.
     pub backend: String,
     /// Seconds any rank waits for the others before the job is ended: at start-up, in every
     /// collective (including while rank 0 evaluates or checkpoints) and for a buffer rank.
     pub timeout_s: u64,
-    /// MPI backend, every training rank on one node: collectives through shared memory and the
-    /// optimizer step shared out across the ranks (false: MPI_Allreduce, whole step per rank).
+    /// MPI or gloo backend, every training rank on one node: collectives through shared memory
+    /// and the optimizer step shared out across the ranks (false: MPI's or gloo's all-reduce,
+    /// whole step per rank).
     pub shared_memory: bool,
 }
 
@@ -542,7 +544,7 @@ impl Config {
     pub fn backend(&self) -> Result<gfn_ddp::world::Backend> {
         self.ddp.backend.parse().map_err(|_| {
             anyhow!(
-                "invalid ddp.backend = {:?}: expected auto, nccl, mpi or local",
+                "invalid ddp.backend = {:?}: expected auto, nccl, mpi, gloo or local",
                 self.ddp.backend
             )
         })

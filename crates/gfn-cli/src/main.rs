@@ -74,7 +74,7 @@ struct TrainArgs {
     /// auto, cpu, cuda or cuda:N (same as --set train.device=...).
     #[arg(long)]
     device: Option<String>,
-    /// Communicator between rank processes: auto, nccl, mpi or local (same as --set ddp.backend=...).
+    /// Communicator between rank processes: auto, nccl, mpi, gloo or local (same as --set ddp.backend=...).
     #[arg(long)]
     backend: Option<String>,
     /// The last N ranks serve a shared replay buffer instead of training (same as
@@ -212,6 +212,8 @@ fn train(args: TrainArgs) -> Result<()> {
         timeout: Duration::from_secs(config.ddp.timeout_s),
         buffer_ranks: config.buffer.num_remote,
         shared_memory: config.ddp.shared_memory,
+        // `--device cpu` on a GPU machine trains on CPUs: gloo or MPI, not NCCL.
+        cuda: config.device()? != tch::Device::Cpu,
     };
     let mut world = World::join(options, |placement| announcer.announce(placement))?;
     if let Some(server) = announcer.server.take() {

@@ -1,7 +1,8 @@
-//! Run under `mpirun -np N` (the `mpi_ddp` tests do, N = 2 and 3): checks that an N-rank
-//! data-parallel step equals a 1-rank step on the union of every rank's trajectories, and that
-//! parameters stay bitwise identical across ranks over further steps; first, that the
-//! all-reduce sums and averages exactly. `--mpi-all-reduce` checks MPI_Allreduce instead of the
+//! Run under `mpirun -np N`, or with `--gloo` under `torchrun --nproc-per-node N --no-python`
+//! (the `ddp_checks` tests do both, N = 2 and 3): checks that an N-rank data-parallel step
+//! equals a 1-rank step on the union of every rank's trajectories, and that parameters stay
+//! bitwise identical across ranks over further steps; first, that the all-reduce sums and
+//! averages exactly. `--no-shared-memory` checks MPI's or gloo's all-reduce instead of the
 //! shared-memory collectives that ranks on one node use by default. Where the communicator
 //! shards (shared memory), training steps share the update out; a twin trained with the whole
 //! update on every rank must end with the same parameters and moments, bit for bit.
@@ -90,7 +91,8 @@ fn check_all_reduce(world: &mut World, shared_memory: bool) {
     // Arbitrary floats, whose sum depends on its order: every rank rebuilds every rank's values
     // and sums them in rank order, as the shared-memory all-reduce does; repeatedly (the
     // window's buffers alternate) and with two lengths, one not divisible by the number of
-    // ranks. MPI_Allreduce may sum in another order, except with two ranks (a + b = b + a).
+    // ranks. MPI_Allreduce and gloo's all-reduce may sum in another order, except with two ranks
+    // (a + b = b + a).
     if !shared_memory && size > 2 {
         return;
     }
@@ -206,16 +208,28 @@ fn state(kind: LossKind, max_grad_norm: f64, stream: u64) -> TrainState {
 }
 
 fn main() {
-    // `--mpi-all-reduce`: MPI_Allreduce even when every rank is on this node.
-    let shared_memory = !std::env::args().any(|a| a == "--mpi-all-reduce");
+    // `--no-shared-memory`: MPI's or gloo's all-reduce even when every rank is on this node.
+    let flag = |name: &str| std::env::args().any(|a| a == name);
+    let backend = if flag("--gloo") {
+        Backend::Gloo
+    } else {
+        Backend::Mpi
+    };
     let options = JoinOptions {
         timeout: Duration::from_secs(60),
-        shared_memory,
-        ..JoinOptions::new(Backend::Mpi)
+        shared_memory: !flag("--no-shared-memory"),
+        ..JoinOptions::new(backend)
     };
-    let mut world = World::join(options, |_| Ok(Vec::new())).expect("joining the MPI job");
+    let mut world = World::join(options, |_| Ok(Vec::new())).expect("joining the job");
+    let expected = match backend {
+        Backend::Gloo => "gloo",
+        _ => "mpi",
+    };
+    assert_eq!(world.comm.backend(), expected);
     let (rank, size) = (world.rank(), world.world_size());
     assert!(size >= 2, "run under mpirun -np N with N >= 2");
+    // Windows are used where every rank is on one node (not across the simulated nodes).
+    let shared_memory = world.comm.shards();
     check_all_reduce(&mut world, shared_memory);
     check_all_gather_bytes(&mut world);
     // TB and SubTB (geometric_within) average over trajectories, so the mean of two ranks' losses

@@ -2,10 +2,10 @@
 //! barrier and a gather of small host values for metrics.
 
 use crate::watchdog::{Collective, CollectiveDeadline};
-use crate::Result;
+use crate::{DdpError, Result};
 use gfn_core::parallel::even_shares;
 use std::ops::Range;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -50,16 +50,34 @@ pub trait Communicator {
     /// Copies every rank's share of a contiguous f32 tensor ([`share_of`]) from that rank to
     /// all ranks. Fallback: zero the other shares and sum (exact: x + 0 = x).
     fn all_gather_shares(&mut self, buffer: &mut Tensor) -> Result<()> {
-        let len = buffer.numel();
-        let mine = share_of(len, self.rank(), self.world_size());
-        tch::no_grad(|| {
-            let _ = buffer.narrow(0, 0, mine.start as i64).zero_();
-            let _ = buffer
-                .narrow(0, mine.end as i64, (len - mine.end) as i64)
-                .zero_();
-        });
+        zero_other_shares(buffer, self.rank(), self.world_size());
         self.all_reduce(buffer, ReduceOp::Sum)
     }
+}
+
+/// What the host backends do to a buffer before they sum it: divide by the ranks for an
+/// average, while the buffer is still in this core's cache from the backward pass (exactly the
+/// same values for power-of-two world sizes).
+pub(crate) fn prescale(op: ReduceOp, world: usize) -> impl FnOnce(&mut [f32]) {
+    let inverse_world = 1.0 / world as f32;
+    move |data| {
+        if op == ReduceOp::Average {
+            data.iter_mut().for_each(|x| *x *= inverse_world);
+        }
+    }
+}
+
+/// Zeroes every element of `buffer` outside `rank`'s share ([`share_of`]): what the
+/// all-gather by summation starts from.
+pub(crate) fn zero_other_shares(buffer: &mut Tensor, rank: usize, world: usize) {
+    let len = buffer.numel();
+    let mine = share_of(len, rank, world);
+    tch::no_grad(|| {
+        let _ = buffer.narrow(0, 0, mine.start as i64).zero_();
+        let _ = buffer
+            .narrow(0, mine.end as i64, (len - mine.end) as i64)
+            .zero_();
+    });
 }
 
 /// Every rank's `bytes` (any length), in rank order, on every rank: built on the all-reduce
@@ -112,6 +130,35 @@ pub(crate) fn sum_over_ranks(
     let mut tensor = Tensor::from_slice(&values).to_device(device);
     comm.all_reduce(&mut tensor, ReduceOp::Sum)?;
     Ok(Vec::<f32>::try_from(tensor.to_device(tch::Device::Cpu))?)
+}
+
+/// Runs `f` on the tensor's f32 data in host memory (the host backends' staging), copying back if it lives elsewhere.
+pub(crate) fn with_host_slice<R>(
+    backend: &'static str,
+    buffer: &mut Tensor,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> Result<R> {
+    if buffer.kind() != Kind::Float {
+        return Err(DdpError::Backend {
+            backend,
+            reason: format!("collectives take f32 tensors, got {:?}", buffer.kind()),
+        });
+    }
+    let on_host = buffer.device() == Device::Cpu && buffer.is_contiguous();
+    let host = if on_host {
+        buffer.shallow_clone()
+    } else {
+        buffer.to_device(Device::Cpu).contiguous()
+    };
+    let n = host.numel();
+    // SAFETY: `host` is a contiguous f32 CPU tensor of `n` elements that nothing else touches
+    // while `f` runs.
+    let slice = unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut f32, n) };
+    let out = f(slice);
+    if !on_host {
+        tch::no_grad(|| buffer.copy_(&host));
+    }
+    Ok(out)
 }
 
 /// World size 1: every collective is the identity.

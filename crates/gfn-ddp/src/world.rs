@@ -12,10 +12,12 @@ use tch::Device;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// NCCL when CUDA is available, MPI otherwise; `local` for a single training rank.
+    /// `local` for a single training rank; else NCCL when CUDA is available, gloo under a
+    /// torchrun-style launch, MPI otherwise.
     Auto,
     Nccl,
     Mpi,
+    Gloo,
     Local,
 }
 
@@ -26,9 +28,10 @@ impl std::str::FromStr for Backend {
             "auto" => Ok(Backend::Auto),
             "nccl" => Ok(Backend::Nccl),
             "mpi" => Ok(Backend::Mpi),
+            "gloo" => Ok(Backend::Gloo),
             "local" => Ok(Backend::Local),
             other => Err(DdpError::Launch(format!(
-                "invalid --backend {other:?}: expected auto, nccl, mpi or local"
+                "invalid --backend {other:?}: expected auto, nccl, mpi, gloo or local"
             ))),
         }
     }
@@ -86,20 +89,25 @@ pub struct JoinOptions {
     pub timeout: Duration,
     /// The last `buffer_ranks` ranks serve replay buffers instead of training.
     pub buffer_ranks: usize,
-    /// MPI backend, every training rank on this node: collectives through a shared-memory
-    /// window (see [`crate::backends::shared_memory`]) and the optimizer step shared out across
-    /// the ranks. Otherwise `MPI_Allreduce` and the whole step on every rank.
+    /// MPI or gloo backend, every training rank on this node: collectives through a
+    /// shared-memory window (see [`crate::backends::shared_memory`]) and the optimizer step
+    /// shared out across the ranks. Otherwise `MPI_Allreduce` or gloo's all-reduce and the
+    /// whole step on every rank.
     pub shared_memory: bool,
+    /// The ranks train on GPUs: `Backend::Auto` then means NCCL.
+    pub cuda: bool,
 }
 
 impl JoinOptions {
-    /// Training ranks only, shared memory where it applies, and a 5-minute timeout.
+    /// Training ranks only, shared memory where it applies, GPUs where there are any, and a
+    /// 5-minute timeout.
     pub fn new(backend: Backend) -> Self {
         JoinOptions {
             backend,
             timeout: Duration::from_secs(300),
             buffer_ranks: 0,
             shared_memory: true,
+            cuda: tch::Cuda::is_available(),
         }
     }
 }
@@ -123,10 +131,51 @@ pub struct World {
     _mpi: Option<crate::backends::mpi::MpiWorld>,
 }
 
-/// What rank 0 adds in front of its announcement: the NCCL unique id when NCCL trains more than
-/// one rank.
+/// What each rank sends ahead of its announcement at start-up: rank 0 the NCCL unique id when
+/// NCCL trains more than one rank, every training rank its gloo pairs' addresses under gloo.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Header {
+    nccl_id: Option<Vec<u8>>,
+    gloo: Vec<u8>,
+}
+
 const NO_NCCL_ID: u8 = 0;
 const WITH_NCCL_ID: u8 = 1;
+
+impl Header {
+    /// `[0]` or `[1, id]`, then the gloo addresses' length (u32, little-endian) and bytes,
+    /// then the announcement.
+    fn encode(&self, announcement: Vec<u8>) -> Vec<u8> {
+        let mut out = match &self.nccl_id {
+            Some(id) => [&[WITH_NCCL_ID][..], id].concat(),
+            None => vec![NO_NCCL_ID],
+        };
+        out.extend((self.gloo.len() as u32).to_le_bytes());
+        out.extend(&self.gloo);
+        out.extend(announcement);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<(Header, Vec<u8>)> {
+        let (&flag, rest) = bytes.split_first()?;
+        let (nccl_id, rest) = match flag {
+            NO_NCCL_ID => (None, rest),
+            WITH_NCCL_ID => {
+                let (id, rest) = rest.split_at_checked(NCCL_ID_BYTES)?;
+                (Some(id.to_vec()), rest)
+            }
+            _ => return None,
+        };
+        let (len, rest) = rest.split_at_checked(4)?;
+        let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+        let (gloo, announcement) = rest.split_at_checked(len)?;
+        let header = Header {
+            nccl_id,
+            gloo: gloo.to_vec(),
+        };
+        Some((header, announcement.to_vec()))
+    }
+}
 
 impl World {
     /// Rank among the training ranks.
@@ -206,15 +255,16 @@ impl World {
             backend,
             timeout,
             buffer_ranks,
+            cuda,
             ..
         } = options;
         let info = RankInfo::from_env()?;
         let placement = Placement::new(info.rank, info.world_size, buffer_ranks)?;
-        let cuda = tch::Cuda::is_available();
         let alone = info.world_size == 1 && info.slurm_tasks.is_none_or(|n| n <= 1);
         let backend = match backend {
             Backend::Auto if alone || placement.trainers == 1 => Backend::Local,
             Backend::Auto if cuda => Backend::Nccl,
+            Backend::Auto if info.launcher == Launcher::Torchrun => Backend::Gloo,
             Backend::Auto => Backend::Mpi,
             chosen => chosen,
         };
@@ -228,17 +278,23 @@ impl World {
         }
         if backend == Backend::Nccl && !cuda {
             return Err(DdpError::Launch(
-                "--backend nccl needs CUDA, which is not available here; use --backend mpi on CPUs"
+                "--backend nccl needs GPUs, and this run is on CPUs (no CUDA here, or --device cpu): use --backend gloo or mpi"
                     .into(),
             ));
         }
         let nccl_id_needed = backend == Backend::Nccl && placement.trainers > 1;
-        let mut own = vec![NO_NCCL_ID];
-        if nccl_id_needed && info.rank == 0 {
-            own = vec![WITH_NCCL_ID];
-            own.extend(nccl_unique_id()?);
-        }
-        own.extend(announce(&placement)?);
+        let gloo_needed = backend == Backend::Gloo && placement.trainers > 1;
+        let gloo_pairs = match gloo_needed && placement.is_trainer() {
+            true => Some(gloo_pairs(&info, placement.trainers, timeout)?),
+            false => None,
+        };
+        let header = Header {
+            nccl_id: (nccl_id_needed && info.rank == 0)
+                .then(nccl_unique_id)
+                .transpose()?,
+            gloo: gloo_pairs.as_ref().map(gloo_addresses).unwrap_or_default(),
+        };
+        let own = header.encode(announce(&placement)?);
 
         #[cfg(feature = "mpi")]
         let mut mpi = None;
@@ -274,22 +330,21 @@ impl World {
         } else {
             vec![own]
         };
-        let nccl_id = match with_header[0].first() {
-            Some(&WITH_NCCL_ID) => Some(with_header[0][1..1 + NCCL_ID_BYTES].to_vec()),
-            _ => None,
-        };
-        let announcements: Vec<Vec<u8>> = with_header
+        let (headers, announcements): (Vec<Header>, Vec<Vec<u8>>) = with_header
             .iter()
             .enumerate()
-            .map(|(r, bytes)| {
-                let skip = if r == 0 && nccl_id.is_some() {
-                    1 + NCCL_ID_BYTES
-                } else {
-                    1
-                };
-                bytes[skip..].to_vec()
+            .map(|(rank, bytes)| {
+                Header::decode(bytes).ok_or_else(|| {
+                    DdpError::Launch(format!(
+                        "rank {rank} sent a malformed start-up announcement ({} bytes)",
+                        bytes.len()
+                    ))
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let nccl_id = headers[0].nccl_id.clone();
 
         // Every rank of an MPI job takes part in forming the training communicator.
         #[cfg(feature = "mpi")]
@@ -330,7 +385,7 @@ impl World {
                     None if placement.trainers == 1 => {}
                     None => {
                         return Err(DdpError::Launch(format!(
-                            "the launcher says {} ranks but MPI sees 1: on CPUs start ranks with mpirun or `srun --mpi=pmix`; torchrun-style launches need --backend nccl on GPUs",
+                            "the launcher says {} ranks but MPI sees 1: start MPI ranks with mpirun or `srun --mpi=pmix`; torchrun-style launches use --backend gloo on CPUs (nccl on GPUs)",
                             world.info.world_size
                         )))
                     }
@@ -339,6 +394,15 @@ impl World {
                 return Err(DdpError::Launch(
                     "this build has no MPI backend (cargo feature `mpi`)".into(),
                 ));
+            }
+            Backend::Gloo => {
+                if let Some(pairs) = gloo_pairs {
+                    let addresses: Vec<Vec<u8>> = headers[..placement.trainers]
+                        .iter()
+                        .map(|h| h.gloo.clone())
+                        .collect();
+                    world.comm = gloo_connect(pairs, &addresses, options.shared_memory)?;
+                }
             }
             Backend::Nccl => {
                 let id = match nccl_id {
@@ -395,6 +459,52 @@ fn nccl_unique_id() -> Result<Vec<u8>> {
     ))
 }
 
+#[cfg(feature = "gloo")]
+type GlooPairs = crate::backends::gloo::GlooPairs;
+#[cfg(not(feature = "gloo"))]
+type GlooPairs = ();
+
+/// This training rank's gloo pairs, created before the start-up exchange that announces them.
+#[cfg(feature = "gloo")]
+fn gloo_pairs(info: &RankInfo, trainers: usize, timeout: Duration) -> Result<GlooPairs> {
+    let master = info
+        .master
+        .as_ref()
+        .map(|(host, port)| (host.as_str(), *port));
+    GlooPairs::create(info.rank, trainers, info.local_rank, master, timeout)
+}
+
+#[cfg(not(feature = "gloo"))]
+fn gloo_pairs(_: &RankInfo, _: usize, _: Duration) -> Result<GlooPairs> {
+    Err(DdpError::Launch(
+        "this build has no gloo backend (cargo feature `gloo`)".into(),
+    ))
+}
+
+#[cfg(feature = "gloo")]
+fn gloo_addresses(pairs: &GlooPairs) -> Vec<u8> {
+    pairs.addresses()
+}
+
+#[cfg(not(feature = "gloo"))]
+fn gloo_addresses(_: &GlooPairs) -> Vec<u8> {
+    Vec::new()
+}
+
+#[cfg(feature = "gloo")]
+fn gloo_connect(
+    pairs: GlooPairs,
+    addresses: &[Vec<u8>],
+    shared_memory: bool,
+) -> Result<Box<dyn Communicator>> {
+    Ok(Box::new(pairs.connect(addresses, shared_memory)?))
+}
+
+#[cfg(not(feature = "gloo"))]
+fn gloo_connect(_: GlooPairs, _: &[Vec<u8>], _: bool) -> Result<Box<dyn Communicator>> {
+    unreachable!("no gloo pairs without the gloo feature")
+}
+
 /// One GPU per local rank, training ranks only.
 #[cfg(feature = "nccl")]
 fn nccl_communicator(
@@ -434,6 +544,28 @@ fn tcp_all_gather(info: &RankInfo, own: Vec<u8>, timeout: Duration) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_up_headers_round_trip_and_malformed_ones_are_refused() {
+        let headers = [
+            Header::default(),
+            Header {
+                nccl_id: Some(vec![7; NCCL_ID_BYTES]),
+                gloo: vec![1, 2, 3],
+            },
+        ];
+        for header in headers {
+            let bytes = header.encode(b"announced".to_vec());
+            assert_eq!(
+                Header::decode(&bytes),
+                Some((header.clone(), b"announced".to_vec()))
+            );
+            for cut in 0..bytes.len() - b"announced".len() {
+                assert_eq!(Header::decode(&bytes[..cut]), None, "cut at {cut}");
+            }
+        }
+        assert_eq!(Header::decode(&[9, 0, 0, 0, 0]), None);
+    }
 
     #[test]
     fn buffer_ranks_are_the_last_and_served_round_robin() {

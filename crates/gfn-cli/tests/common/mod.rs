@@ -122,8 +122,13 @@ pub fn stopped_at(stderr: &str) -> u64 {
 }
 
 /// The pid of MPI rank `rank` among the `gfn` processes writing to `out`.
-pub fn mpi_rank_pid(out: &Path, rank: usize) -> Option<u32> {
-    let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+pub fn rank_pid(out: &Path, rank: usize) -> Option<u32> {
+    // Open MPI's variable, or torchrun's (its agent, whose command line also names OUT, has
+    // neither).
+    let wanted = [
+        format!("OMPI_COMM_WORLD_RANK={rank}"),
+        format!("RANK={rank}"),
+    ];
     let out = out.to_str().unwrap();
     std::fs::read_dir("/proc")
         .ok()?
@@ -133,11 +138,12 @@ pub fn mpi_rank_pid(out: &Path, rank: usize) -> Option<u32> {
             let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
             let environ = std::fs::read(entry.path().join("environ")).ok()?;
             let has = |bytes: &[u8], s: &str| bytes.split(|&b| b == 0).any(|p| p == s.as_bytes());
-            (has(&cmdline, out) && has(&environ, &wanted)).then_some(pid)
+            let ranked = wanted.iter().any(|w| has(&environ, w));
+            (has(&cmdline, out) && ranked).then_some(pid)
         })
 }
 
-/// Runs `job` (an mpirun of `gfn train --out OUT ...`), sends `signal` to MPI rank `rank` once
+/// Runs `job` (an mpirun or torchrun of `gfn train --out OUT ...`), sends `signal` to rank `rank` once
 /// `OUT/checkpoint.pt` exists, and returns the job's output and how long it took to end after
 /// the signal (panics past `limit`).
 pub fn signal_rank_mid_run(
@@ -156,7 +162,7 @@ pub fn signal_rank_mid_run(
     let start = Instant::now();
     let pid = loop {
         if out.join("checkpoint.pt").exists() {
-            if let Some(pid) = mpi_rank_pid(out, rank) {
+            if let Some(pid) = rank_pid(out, rank) {
                 break pid;
             }
         }

@@ -1,7 +1,7 @@
 //! MPI backend (rsmpi): collectives on host memory; device tensors are staged through the host.
 
-use crate::backends::shared_memory::SharedWindow;
-use crate::comm::{Communicator, ReduceOp};
+use crate::backends::shared_memory::{on_host, segment_bytes, NodeMemory, SharedWindow, Windows};
+use crate::comm::{prescale, with_host_slice, Communicator, ReduceOp};
 use crate::watchdog::Watchdog;
 use crate::{DdpError, Result};
 use gfn_core::parallel::even_shares;
@@ -11,8 +11,9 @@ use mpi::raw::AsRaw;
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
 use std::ffi::{c_int, c_void};
+use std::mem::MaybeUninit;
 use std::time::Duration;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 /// The MPI world of this process (`MPI_Init` on creation, `MPI_Finalize` on drop).
 pub struct MpiWorld {
@@ -77,7 +78,7 @@ impl MpiWorld {
             && comm.size() > 1
             && comm.split_shared(comm.rank()).size() == comm.size();
         Some(MpiCommunicator {
-            windows: Vec::new(),
+            windows: Windows::default(),
             use_windows,
             comm,
         })
@@ -87,7 +88,7 @@ impl MpiWorld {
 pub struct MpiCommunicator {
     /// Shared windows by buffer length, created on the first collective of each length
     /// (dropped before `comm`, which they are built on).
-    windows: Vec<SharedWindow>,
+    windows: Windows,
     /// Shared windows are wanted, and there are several ranks, all on this node.
     use_windows: bool,
     comm: SimpleCommunicator,
@@ -184,6 +185,84 @@ fn all_gather_in_place(comm: &SimpleCommunicator, data: &mut [f32]) -> Result<()
     mpi_result("MPI_Allgatherv", code)
 }
 
+/// MPI's shared window over every rank of a communicator on one node, one segment per rank;
+/// freed on drop (collectively, as every communicator's end: all its ranks drop together).
+struct MpiWindowMemory {
+    win: ffi::MPI_Win,
+    segments: Vec<*mut u8>,
+}
+
+impl NodeMemory for MpiWindowMemory {
+    fn segments(&self) -> Vec<*mut u8> {
+        self.segments.clone()
+    }
+}
+
+impl Drop for MpiWindowMemory {
+    fn drop(&mut self) {
+        // SAFETY: the window is live and nothing borrows its memory beyond its SharedWindow,
+        // which is dropped first.
+        unsafe {
+            ffi::MPI_Win_free(&mut self.win);
+        }
+    }
+}
+
+/// A [`SharedWindow`] for buffers of `len` values over every rank of `comm`, which must all
+/// share this node. Collective.
+fn shared_window(comm: &SimpleCommunicator, len: usize) -> Result<SharedWindow> {
+    let segment_bytes = segment_bytes(len);
+    let size = ffi::MPI_Aint::try_from(segment_bytes).map_err(|_| DdpError::Backend {
+        backend: "mpi",
+        reason: format!("a shared window of {segment_bytes} bytes per rank is too large"),
+    })?;
+    let mut base: *mut c_void = std::ptr::null_mut();
+    let mut win = MaybeUninit::<ffi::MPI_Win>::uninit();
+    // Failure (e.g. no room for the backing file in Docker's 64 MB /dev/shm) aborts the job
+    // with Open MPI's message naming the file: with MPI_ERRORS_RETURN, Open MPI 4.1's
+    // osc/sm returns on the rank that failed while the others wait for it forever.
+    // SAFETY: `base` and `win` are valid out-parameters (MPI writes the segment's address
+    // into the pointer that `baseptr` points to); the communicator is live.
+    mpi_result("MPI_Win_allocate_shared", unsafe {
+        ffi::MPI_Win_allocate_shared(
+            size,
+            1,
+            ffi::RSMPI_INFO_NULL,
+            comm.as_raw(),
+            (&mut base as *mut *mut c_void).cast(),
+            win.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: MPI_Win_allocate_shared succeeded, so it initialised the handle. From here on
+    // the window is freed on drop, also if a query below fails.
+    let mut memory = MpiWindowMemory {
+        win: unsafe { win.assume_init() },
+        segments: Vec::with_capacity(comm.size() as usize),
+    };
+    for rank in 0..comm.size() {
+        let mut bytes: ffi::MPI_Aint = 0;
+        let mut unit: c_int = 0;
+        let mut address: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the window is live; the out-parameters are valid.
+        mpi_result("MPI_Win_shared_query", unsafe {
+            ffi::MPI_Win_shared_query(
+                memory.win,
+                rank,
+                &mut bytes,
+                &mut unit,
+                (&mut address as *mut *mut c_void).cast(),
+            )
+        })?;
+        memory.segments.push(address.cast());
+    }
+    // No watch on the peers: Open MPI ends the job when a rank dies (or, under
+    // --enable-recovery, the collective deadline does, through MPI_Abort).
+    SharedWindow::new(Box::new(memory), comm.rank() as usize, len, false, || {
+        comm.barrier();
+        Ok(())
+    })
+}
+
 /// Ends every process of the MPI job (stopped ones too: the runtime kills them), from any
 /// thread.
 pub(crate) fn abort_job(code: i32) {
@@ -205,31 +284,6 @@ pub(crate) fn mpi_result(what: &str, code: c_int) -> Result<()> {
     }
 }
 
-/// Runs `f` on the tensor's f32 data in host memory, copying back if it lives elsewhere.
-fn with_host_slice<R>(buffer: &mut Tensor, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
-    if buffer.kind() != Kind::Float {
-        return Err(DdpError::Backend {
-            backend: "mpi",
-            reason: format!("collectives take f32 tensors, got {:?}", buffer.kind()),
-        });
-    }
-    let on_host = buffer.device() == Device::Cpu && buffer.is_contiguous();
-    let host = if on_host {
-        buffer.shallow_clone()
-    } else {
-        buffer.to_device(Device::Cpu).contiguous()
-    };
-    let n = host.numel();
-    // SAFETY: `host` is a contiguous f32 CPU tensor of `n` elements that nothing else touches
-    // while `f` runs.
-    let slice = unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut f32, n) };
-    let out = f(slice);
-    if !on_host {
-        tch::no_grad(|| buffer.copy_(&host));
-    }
-    Ok(out)
-}
-
 impl MpiCommunicator {
     /// Runs a collective over `buffer`'s host data after `prepare`: through the shared window
     /// for its length where windows are used (created on first use: collective, as every rank
@@ -239,33 +293,18 @@ impl MpiCommunicator {
         &mut self,
         buffer: &mut Tensor,
         prepare: impl FnOnce(&mut [f32]),
-        through_window: fn(&mut SharedWindow, &mut [f32]),
+        through_window: fn(&mut SharedWindow, &mut [f32]) -> Result<()>,
         through_mpi: fn(&SimpleCommunicator, &mut [f32]) -> Result<()>,
     ) -> Result<()> {
         let len = buffer.numel();
-        let window = if self.use_windows && len > 0 {
-            let index = match self.windows.iter().position(|w| w.len() == len) {
-                Some(index) => index,
-                None => {
-                    self.windows.push(SharedWindow::new(&self.comm, len)?);
-                    self.windows.len() - 1
-                }
-            };
-            Some(&mut self.windows[index])
-        } else {
-            None
-        };
         let comm = &self.comm;
-        with_host_slice(buffer, |data| {
-            prepare(data);
-            match window {
-                Some(window) => {
-                    through_window(window, data);
-                    Ok(())
-                }
-                None => through_mpi(comm, data),
-            }
-        })?
+        let window = match self.use_windows && len > 0 {
+            true => Some(self.windows.for_len(len, || shared_window(comm, len))?),
+            false => None,
+        };
+        on_host("mpi", buffer, window, prepare, through_window, |data| {
+            through_mpi(comm, data)
+        })
     }
 }
 
@@ -281,16 +320,9 @@ impl Communicator for MpiCommunicator {
     }
 
     fn all_reduce(&mut self, buffer: &mut Tensor, op: ReduceOp) -> Result<()> {
-        let inverse_world = 1.0 / self.world_size() as f32;
         self.host_collective(
             buffer,
-            |data| {
-                // Averaged before the sum, while the buffer is still in this core's cache from
-                // the backward pass (exactly the same values for power-of-two world sizes).
-                if op == ReduceOp::Average {
-                    data.iter_mut().for_each(|x| *x *= inverse_world);
-                }
-            },
+            prescale(op, self.world_size()),
             SharedWindow::all_reduce,
             all_reduce_sum_in_place,
         )
@@ -323,18 +355,20 @@ impl Communicator for MpiCommunicator {
 
     fn broadcast(&mut self, buffer: &mut Tensor, root: usize) -> Result<()> {
         let comm = &self.comm;
-        with_host_slice(buffer, |data| {
+        with_host_slice("mpi", buffer, |data| {
             comm.process_at_rank(root as i32).broadcast_into(data)
         })
     }
 
     /// Through a shared window where there is one (its waits name a missing rank).
     fn barrier(&mut self) -> Result<()> {
-        match self.windows.first_mut() {
+        match self.windows.any() {
             Some(window) => window.barrier(),
-            None => self.comm.barrier(),
+            None => {
+                self.comm.barrier();
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn gather(&mut self, values: &[f64], root: usize) -> Result<Option<Vec<f64>>> {
