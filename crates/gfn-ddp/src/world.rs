@@ -21,6 +21,20 @@ pub enum Backend {
     Local,
 }
 
+impl Backend {
+    /// What `Auto` means for one training rank (`single`), on GPUs (`cuda`) or CPUs, under
+    /// `launcher`; any other choice stands.
+    fn resolve(self, single: bool, cuda: bool, launcher: Launcher) -> Backend {
+        match self {
+            Backend::Auto if single => Backend::Local,
+            Backend::Auto if cuda => Backend::Nccl,
+            Backend::Auto if launcher == Launcher::Torchrun => Backend::Gloo,
+            Backend::Auto => Backend::Mpi,
+            chosen => chosen,
+        }
+    }
+}
+
 impl std::str::FromStr for Backend {
     type Err = DdpError;
     fn from_str(s: &str) -> Result<Self> {
@@ -261,13 +275,7 @@ impl World {
         let info = RankInfo::from_env()?;
         let placement = Placement::new(info.rank, info.world_size, buffer_ranks)?;
         let alone = info.world_size == 1 && info.slurm_tasks.is_none_or(|n| n <= 1);
-        let backend = match backend {
-            Backend::Auto if alone || placement.trainers == 1 => Backend::Local,
-            Backend::Auto if cuda => Backend::Nccl,
-            Backend::Auto if info.launcher == Launcher::Torchrun => Backend::Gloo,
-            Backend::Auto => Backend::Mpi,
-            chosen => chosen,
-        };
+        let backend = backend.resolve(alone || placement.trainers == 1, cuda, info.launcher);
         // Slurm variables without any MPI ones: srun ran without an MPI plugin, so every task
         // would start as an MPI world of one (or Open MPI would abort in MPI_Init).
         if info.launcher == Launcher::Slurm && info.world_size > 1 && backend == Backend::Mpi {
@@ -544,6 +552,21 @@ fn tcp_all_gather(info: &RankInfo, own: Vec<u8>, timeout: Duration) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_is_nccl_on_gpus_gloo_under_torchrun_on_cpus_and_mpi_otherwise() {
+        use Launcher::*;
+        let auto = |single, cuda, launcher| Backend::Auto.resolve(single, cuda, launcher);
+        for launcher in [Single, Torchrun, Mpi, Slurm] {
+            assert_eq!(auto(true, true, launcher), Backend::Local);
+            assert_eq!(auto(false, true, launcher), Backend::Nccl);
+        }
+        assert_eq!(auto(false, false, Torchrun), Backend::Gloo);
+        assert_eq!(auto(false, false, Mpi), Backend::Mpi);
+        assert_eq!(auto(false, false, Slurm), Backend::Mpi);
+        assert_eq!(Backend::Mpi.resolve(false, false, Torchrun), Backend::Mpi);
+        assert_eq!(Backend::Gloo.resolve(true, true, Mpi), Backend::Gloo);
+    }
 
     #[test]
     fn start_up_headers_round_trip_and_malformed_ones_are_refused() {

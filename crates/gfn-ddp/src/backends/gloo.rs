@@ -323,13 +323,37 @@ impl Connected {
 
     /// A window for buffers of `len` values in a file that rank 0 creates and every rank maps,
     /// or `None` where some rank cannot (another node, no /dev/shm, no room): every rank gets
-    /// the same answer. Collective.
+    /// the same answer. Collective. Rank 0 removes the file's name whatever happens.
     fn node_window(self, files: &mut NodeFiles, len: usize) -> Result<Option<SharedWindow>> {
         let path = files.next_path();
         let created = match self.rank {
             0 => NodeFile::create(&path, self.size, len).ok(),
             _ => None,
         };
+        let mapped = self.map_everywhere(created, &path, len);
+        if self.rank == 0 {
+            NodeFile::unlink(&path);
+        }
+        match mapped? {
+            Some(memory) => Ok(Some(SharedWindow::new(
+                Box::new(memory),
+                self.rank,
+                len,
+                true,
+                || self.barrier(),
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Tells every rank whether rank 0 `created` the file, maps it on the others, and returns
+    /// this rank's mapping if every rank has one.
+    fn map_everywhere(
+        self,
+        created: Option<NodeFile>,
+        path: &str,
+        len: usize,
+    ) -> Result<Option<NodeFile>> {
         let mut exists = [created.is_some() as u8 as f32];
         self.sum(&mut exists)?;
         if exists[0] == 0.0 {
@@ -337,23 +361,11 @@ impl Connected {
         }
         let memory = match created {
             Some(file) => Some(file),
-            None => NodeFile::open(&path, self.size, len).ok(),
+            None => NodeFile::open(path, self.size, len).ok(),
         };
         let mut mapped = [memory.is_some() as u8 as f32];
         self.sum(&mut mapped)?;
-        if self.rank == 0 {
-            NodeFile::unlink(&path);
-        }
-        match memory {
-            Some(memory) if mapped[0] == self.size as f32 => Ok(Some(SharedWindow::new(
-                Box::new(memory),
-                self.rank,
-                len,
-                true,
-                || self.barrier(),
-            )?)),
-            _ => Ok(None),
-        }
+        Ok(memory.filter(|_| mapped[0] == self.size as f32))
     }
 }
 

@@ -105,7 +105,7 @@ impl SharedWindow {
         rank: usize,
         len: usize,
         watch_peers: bool,
-        mut barrier: impl FnMut() -> Result<()>,
+        barrier: impl FnOnce() -> Result<()>,
     ) -> Result<Self> {
         let segments = memory
             .segments()
