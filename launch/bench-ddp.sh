@@ -60,14 +60,8 @@ fi
 ref="$root/.venv-ref"
 tutorials="$ref/torchgfn-2.4.1"
 if ((torchgfn_part)); then
-  if [ ! -x "$ref/torchgfn/bin/python" ] ||
-     ! "$ref/torchgfn/bin/python" -c 'import gfn.utils.distributed, matplotlib, tqdm' 2>/dev/null; then
-    echo "[bench] installing torchgfn 2.4.1 and its example scripts' imports into $ref/torchgfn" >&2
-    python3 -m venv "$ref/torchgfn"
-    site="$(ls -d "$ref"/torchgfn/lib/python3*/site-packages)"
-    ls -d "$root"/.venv/lib/python3*/site-packages > "$site/project-torch.pth"
-    "$ref/torchgfn/bin/pip" install -q torchgfn==2.4.1 mpi4py==4.1.1 matplotlib==3.10.7 tqdm==4.67.1
-  fi
+  source launch/references/torchgfn-venv.sh
+  torchgfn_venv
   if [ ! -f "$tutorials/tutorials/examples/train_hypergrid_ddp.py" ]; then
     echo "[bench] fetching torchgfn v2.4.1's tutorials/ from GitHub into $tutorials" >&2
     mkdir -p "$tutorials"

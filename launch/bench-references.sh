@@ -30,14 +30,8 @@ source launch/setup.sh
 cargo build --release --locked --quiet --bin gfn
 
 ref="$root/.venv-ref"
-if [ ! -x "$ref/torchgfn/bin/python" ] || ! "$ref/torchgfn/bin/python" -c 'import gfn' 2>/dev/null; then
-  echo "[bench] installing torchgfn 2.4.1 into $ref/torchgfn" >&2
-  python3 -m venv "$ref/torchgfn"
-  site="$(ls -d "$ref"/torchgfn/lib/python3*/site-packages)"
-  # Reuse the project's pinned torch rather than downloading a second copy.
-  ls -d "$root"/.venv/lib/python3*/site-packages > "$site/project-torch.pth"
-  "$ref/torchgfn/bin/pip" install -q torchgfn==2.4.1
-fi
+source launch/references/torchgfn-venv.sh
+torchgfn_venv
 if [ ! -x "$ref/gfnx/bin/python" ] || ! "$ref/gfnx/bin/python" -c 'import gfnx' 2>/dev/null; then
   echo "[bench] installing gfnx into $ref/gfnx" >&2
   python3 -m venv "$ref/gfnx"

@@ -132,7 +132,8 @@ pub(crate) fn sum_over_ranks(
     Ok(Vec::<f32>::try_from(tensor.to_device(tch::Device::Cpu))?)
 }
 
-/// Runs `f` on the tensor's f32 data in host memory (the host backends' staging), copying back if it lives elsewhere.
+/// Runs `f` on the tensor's f32 data in host memory (the host backends' staging), copying back
+/// if it lives elsewhere.
 pub(crate) fn with_host_slice<R>(
     backend: &'static str,
     buffer: &mut Tensor,

@@ -469,8 +469,9 @@ fn nccl_unique_id() -> Result<Vec<u8>> {
 
 #[cfg(feature = "gloo")]
 type GlooPairs = crate::backends::gloo::GlooPairs;
+/// Without gloo there are no pairs: `gloo_pairs` always fails, and what takes them cannot run.
 #[cfg(not(feature = "gloo"))]
-type GlooPairs = ();
+type GlooPairs = std::convert::Infallible;
 
 /// This training rank's gloo pairs, created before the start-up exchange that announces them.
 #[cfg(feature = "gloo")]
@@ -495,8 +496,8 @@ fn gloo_addresses(pairs: &GlooPairs) -> Vec<u8> {
 }
 
 #[cfg(not(feature = "gloo"))]
-fn gloo_addresses(_: &GlooPairs) -> Vec<u8> {
-    Vec::new()
+fn gloo_addresses(pairs: &GlooPairs) -> Vec<u8> {
+    match *pairs {}
 }
 
 #[cfg(feature = "gloo")]
@@ -509,8 +510,8 @@ fn gloo_connect(
 }
 
 #[cfg(not(feature = "gloo"))]
-fn gloo_connect(_: GlooPairs, _: &[Vec<u8>], _: bool) -> Result<Box<dyn Communicator>> {
-    unreachable!("no gloo pairs without the gloo feature")
+fn gloo_connect(pairs: GlooPairs, _: &[Vec<u8>], _: bool) -> Result<Box<dyn Communicator>> {
+    match pairs {}
 }
 
 /// One GPU per local rank, training ranks only.

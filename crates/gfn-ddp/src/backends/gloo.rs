@@ -33,27 +33,15 @@ extern "C" {
         address: *const c_char,
         len: usize,
     ) -> c_int;
-    fn gfn_gloo_allreduce_sum_f32(
-        handle: *mut c_void,
-        data: *mut f32,
-        n: usize,
-        timeout_ms: i64,
-    ) -> c_int;
-    fn gfn_gloo_broadcast_f32(
-        handle: *mut c_void,
-        data: *mut f32,
-        n: usize,
-        root: c_int,
-        timeout_ms: i64,
-    ) -> c_int;
-    fn gfn_gloo_barrier(handle: *mut c_void, timeout_ms: i64) -> c_int;
+    fn gfn_gloo_allreduce_sum_f32(handle: *mut c_void, data: *mut f32, n: usize) -> c_int;
+    fn gfn_gloo_broadcast_f32(handle: *mut c_void, data: *mut f32, n: usize, root: c_int) -> c_int;
+    fn gfn_gloo_barrier(handle: *mut c_void) -> c_int;
     fn gfn_gloo_gather_f64(
         handle: *mut c_void,
         values: *const f64,
         n: usize,
         out: *mut f64,
         root: c_int,
-        timeout_ms: i64,
     ) -> c_int;
     fn gfn_gloo_destroy(handle: *mut c_void);
 }
@@ -127,13 +115,13 @@ pub struct GlooPairs {
     handle: *mut c_void,
     rank: usize,
     size: usize,
-    timeout_ms: i64,
 }
 
 impl GlooPairs {
     /// Creates this rank's TCP device on the address it reaches `master` from (or on the
     /// interface `GLOO_SOCKET_IFNAME` names, as PyTorch reads it; or, without a master, on
-    /// its host name's address) and one pair per peer.
+    /// its host name's address) and one pair per peer. Every collective over them ends in an
+    /// error past `timeout`.
     pub fn create(
         rank: usize,
         size: usize,
@@ -175,12 +163,7 @@ impl GlooPairs {
         if handle.is_null() {
             return Err(gloo_error("creating the TCP device and pairs"));
         }
-        Ok(GlooPairs {
-            handle,
-            rank,
-            size,
-            timeout_ms,
-        })
+        Ok(GlooPairs { handle, rank, size })
     }
 
     /// The pairs' addresses, every peer's in peer order: this rank's announcement.
@@ -228,7 +211,6 @@ impl GlooPairs {
                 handle: self.handle,
                 rank: self.rank,
                 size: self.size,
-                timeout_ms: self.timeout_ms,
             },
             windows: Windows::default(),
             node: None,
@@ -276,7 +258,6 @@ struct Connected {
     handle: *mut c_void,
     rank: usize,
     size: usize,
-    timeout_ms: i64,
 }
 
 /// Names of one job's window files in /dev/shm: `gfn-TOKEN-N`, N counting the windows made.
@@ -308,16 +289,13 @@ impl Drop for GlooCommunicator {
 impl Connected {
     fn barrier(self) -> Result<()> {
         // SAFETY: the handle is live.
-        check("barrier", unsafe {
-            gfn_gloo_barrier(self.handle, self.timeout_ms)
-        })
+        check("barrier", unsafe { gfn_gloo_barrier(self.handle) })
     }
 
     fn sum(self, data: &mut [f32]) -> Result<()> {
         // SAFETY: `data` is exclusively borrowed for the call; the handle is live.
-        let code = unsafe {
-            gfn_gloo_allreduce_sum_f32(self.handle, data.as_mut_ptr(), data.len(), self.timeout_ms)
-        };
+        let code =
+            unsafe { gfn_gloo_allreduce_sum_f32(self.handle, data.as_mut_ptr(), data.len()) };
         check("all-reduce", code)
     }
 
@@ -465,17 +443,11 @@ impl Communicator for GlooCommunicator {
     }
 
     fn broadcast(&mut self, buffer: &mut Tensor, root: usize) -> Result<()> {
-        let (handle, timeout) = (self.gloo.handle, self.gloo.timeout_ms);
+        let handle = self.gloo.handle;
         with_host_slice("gloo", buffer, |data| {
             // SAFETY: `data` is exclusively borrowed for the call; the handle is live.
             let code = unsafe {
-                gfn_gloo_broadcast_f32(
-                    handle,
-                    data.as_mut_ptr(),
-                    data.len(),
-                    root as c_int,
-                    timeout,
-                )
+                gfn_gloo_broadcast_f32(handle, data.as_mut_ptr(), data.len(), root as c_int)
             };
             check("broadcast", code)
         })?
@@ -507,7 +479,6 @@ impl Communicator for GlooCommunicator {
                 values.len(),
                 out.as_mut_ptr(),
                 root as c_int,
-                self.gloo.timeout_ms,
             )
         };
         check("gather", code)?;

@@ -64,9 +64,18 @@ int failed(const std::exception& e) {
   return -1;
 }
 
-Handle* handle(void* h) { return static_cast<Handle*>(h); }
+// Runs `body`: 0, or -1 with gloo's message kept for gfn_gloo_last_error.
+template <typename Body>
+int guarded(Body body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    return failed(e);
+  }
+}
 
-std::chrono::milliseconds millis(int64_t ms) { return std::chrono::milliseconds(ms); }
+Handle* handle(void* h) { return static_cast<Handle*>(h); }
 
 }  // namespace
 
@@ -97,7 +106,8 @@ void* gfn_gloo_create(int rank, int size, int local_rank, const char* host, cons
     auto device = gloo::transport::tcp::CreateDevice(attr);
     auto h = std::make_unique<Handle>();
     h->context = std::make_shared<ExchangedContext>(rank, size);
-    h->context->setTimeout(millis(timeout_ms));
+    // Every collective's deadline: gloo's options start from the context's timeout.
+    h->context->setTimeout(std::chrono::milliseconds(timeout_ms));
     h->addresses = h->context->createPairs(device, local_rank);
     return h.release();
   } catch (const std::exception& e) {
@@ -113,68 +123,48 @@ const char* gfn_gloo_addresses(void* h, size_t* len) {
 }
 
 int gfn_gloo_connect(void* h, int peer, const char* address, size_t len) {
-  try {
+  return guarded([&] {
     handle(h)->context->connect(peer, std::vector<char>(address, address + len));
-    return 0;
-  } catch (const std::exception& e) {
-    return failed(e);
-  }
+  });
 }
 
-int gfn_gloo_allreduce_sum_f32(void* h, float* data, size_t n, int64_t timeout_ms) {
-  try {
+int gfn_gloo_allreduce_sum_f32(void* h, float* data, size_t n) {
+  return guarded([&] {
     gloo::AllreduceOptions options(handle(h)->context);
     options.setOutput(data, n);
     void (*sum)(void*, const void*, const void*, size_t) = &gloo::sum<float>;
     options.setReduceFunction(sum);
-    options.setTimeout(millis(timeout_ms));
     gloo::allreduce(options);
-    return 0;
-  } catch (const std::exception& e) {
-    return failed(e);
-  }
+  });
 }
 
-int gfn_gloo_broadcast_f32(void* h, float* data, size_t n, int root, int64_t timeout_ms) {
-  try {
+int gfn_gloo_broadcast_f32(void* h, float* data, size_t n, int root) {
+  return guarded([&] {
     gloo::BroadcastOptions options(handle(h)->context);
     options.setOutput(data, n);
     options.setRoot(root);
-    options.setTimeout(millis(timeout_ms));
     gloo::broadcast(options);
-    return 0;
-  } catch (const std::exception& e) {
-    return failed(e);
-  }
+  });
 }
 
-int gfn_gloo_barrier(void* h, int64_t timeout_ms) {
-  try {
+int gfn_gloo_barrier(void* h) {
+  return guarded([&] {
     gloo::BarrierOptions options(handle(h)->context);
-    options.setTimeout(millis(timeout_ms));
     gloo::barrier(options);
-    return 0;
-  } catch (const std::exception& e) {
-    return failed(e);
-  }
+  });
 }
 
 // `out` (n × size values) is written on `root` only.
-int gfn_gloo_gather_f64(void* h, const double* values, size_t n, double* out, int root,
-                        int64_t timeout_ms) {
-  try {
+int gfn_gloo_gather_f64(void* h, const double* values, size_t n, double* out, int root) {
+  return guarded([&] {
     gloo::GatherOptions options(handle(h)->context);
     options.setInput(const_cast<double*>(values), n);
     if (handle(h)->context->rank == root) {
       options.setOutput(out, n * handle(h)->context->size);
     }
     options.setRoot(root);
-    options.setTimeout(millis(timeout_ms));
     gloo::gather(options);
-    return 0;
-  } catch (const std::exception& e) {
-    return failed(e);
-  }
+  });
 }
 
 void gfn_gloo_destroy(void* h) { delete handle(h); }

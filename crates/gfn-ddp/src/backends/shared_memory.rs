@@ -31,7 +31,6 @@ use crate::comm::with_host_slice;
 use crate::watchdog::WAITING_FOR_RANK;
 use crate::{DdpError, Result};
 use gfn_core::parallel::even_shares;
-use std::ffi::CString;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -373,6 +372,7 @@ impl Windows {
     }
 }
 
+#[cfg(feature = "gloo")]
 /// A file in /dev/shm (unlinked once every rank has mapped it) holding every rank's segment:
 /// node memory for backends without a shared window of their own.
 pub(crate) struct NodeFile {
@@ -382,6 +382,7 @@ pub(crate) struct NodeFile {
     ranks: usize,
 }
 
+#[cfg(feature = "gloo")]
 fn io_error(what: &str, path: &str) -> DdpError {
     DdpError::Backend {
         backend: "shared memory",
@@ -389,6 +390,7 @@ fn io_error(what: &str, path: &str) -> DdpError {
     }
 }
 
+#[cfg(feature = "gloo")]
 impl NodeFile {
     /// Creates the file (it must not exist) with room reserved for `ranks` segments of a
     /// window of `len` values: full tmpfs fails here, not with SIGBUS on first touch.
@@ -409,7 +411,7 @@ impl NodeFile {
     fn map(path: &str, ranks: usize, len: usize, flags: libc::c_int) -> Result<Self> {
         let segment = segment_bytes(len);
         let bytes = segment * ranks;
-        let name = CString::new(path).expect("window paths hold no NUL");
+        let name = std::ffi::CString::new(path).expect("window paths hold no NUL");
         // SAFETY: a NUL-terminated path; the descriptor is closed below on every path.
         let fd = unsafe { libc::open(name.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
         if fd < 0 {
@@ -474,12 +476,13 @@ impl NodeFile {
     /// Removes the name once every rank has mapped the file: the memory stays until the last
     /// mapping goes, and nothing is left behind in /dev/shm however the job ends.
     pub(crate) fn unlink(path: &str) {
-        let name = CString::new(path).expect("window paths hold no NUL");
+        let name = std::ffi::CString::new(path).expect("window paths hold no NUL");
         // SAFETY: a NUL-terminated path.
         unsafe { libc::unlink(name.as_ptr()) };
     }
 }
 
+#[cfg(feature = "gloo")]
 impl NodeMemory for NodeFile {
     fn segments(&self) -> Vec<*mut u8> {
         // SAFETY: every segment lies inside the mapping.
@@ -489,6 +492,7 @@ impl NodeMemory for NodeFile {
     }
 }
 
+#[cfg(feature = "gloo")]
 impl Drop for NodeFile {
     fn drop(&mut self) {
         // SAFETY: the mapping is live and nothing borrows it beyond its window, dropped first.
