@@ -3,14 +3,17 @@
 //! sends every rank the contributions of all (an all-gather): the NCCL unique id, the job token,
 //! the replay-buffer servers' addresses. Every wait has a deadline. Rank 0 listens on
 //! MASTER_PORT + 1 (or GFN_RENDEZVOUS_PORT): under torchrun the agent already serves its own
-//! store on MASTER_PORT.
+//! store on MASTER_PORT. Rank 0 speaks first (the magic), and a rank writes nothing until it has
+//! heard it: a client that reached some other listener on that port (a gloo pair of this node,
+//! which takes any connection as its peer and aborts its process on bytes it cannot parse)
+//! leaves again without having sent it a byte.
 
 use crate::{DdpError, Result};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-const MAGIC: &[u8; 8] = b"GFNRDV02";
+const MAGIC: &[u8; 8] = b"GFNRDV03";
 /// Largest contribution of one rank.
 pub const MAX_CONTRIBUTION: u32 = 64 << 10;
 /// Largest table rank 0 may send back.
@@ -70,7 +73,10 @@ pub fn all_gather(
                 Ok((mut stream, _)) => {
                     stream.set_nonblocking(false)?;
                     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    match read_hello(&mut stream) {
+                    let hello = stream
+                        .write_all(MAGIC)
+                        .and_then(|()| read_hello(&mut stream));
+                    match hello {
                         Ok((r, w, bytes))
                             if w as usize == world_size
                                 && (1..world_size).contains(&(r as usize))
@@ -122,7 +128,7 @@ pub fn all_gather(
             let attempt = addr
                 .to_socket_addrs()
                 .map_err(|e| fail(format!("cannot resolve: {e}")))?
-                .find_map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok());
+                .find_map(|a| greeted_by_rank_0(&a));
             match attempt {
                 Some(stream) => break stream,
                 None if Instant::now() >= deadline => {
@@ -163,6 +169,42 @@ pub fn all_gather(
             .map_err(|e| fail(format!("truncated table ({e})")))?;
         parse_table(&encoded, world_size).ok_or_else(|| fail("malformed table from rank 0".into()))
     }
+}
+
+/// A connection to `addr` if what listens there greets as rank 0 does within a second.
+fn greeted_by_rank_0(addr: &SocketAddr) -> Option<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    let mut greeting = [0u8; MAGIC.len()];
+    stream.read_exact(&mut greeting).ok()?;
+    (&greeting == MAGIC).then_some(stream)
+}
+
+/// A port that is free now, and the port after it, both below the kernel's ephemeral range
+/// (`ip_local_port_range`): no socket bound to port 0 (gloo's pairs, outgoing connections)
+/// can take them, so they stay free until a job binds them explicitly. For launching test
+/// jobs on one machine: MASTER_PORT for torchrun's store, and the rendezvous after it.
+pub fn free_port_pair() -> Option<u16> {
+    static PICKED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    let span = u32::from(ephemeral_start.checked_sub(LOWEST + 1)?);
+    // A different start per process and per call keeps concurrent tests apart.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let picked = PICKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = (std::process::id() ^ nanos).wrapping_add(picked.wrapping_mul(7919));
+    (0..span.min(2000))
+        .map(|i| LOWEST + ((start.wrapping_add(i)) % span) as u16)
+        .find(|&port| {
+            [port, port + 1]
+                .iter()
+                .all(|&p| TcpListener::bind(("0.0.0.0", p)).is_ok())
+        })
 }
 
 fn parse_table(mut bytes: &[u8], world_size: usize) -> Option<Vec<Vec<u8>>> {
@@ -206,12 +248,9 @@ fn read_hello(stream: &mut TcpStream) -> std::io::Result<(u32, u32, Vec<u8>)> {
 mod tests {
     use super::*;
 
+    /// Below the ephemeral range: the gloo pairs of tests running beside cannot take it.
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        crate::rendezvous::free_port_pair().unwrap()
     }
 
     #[test]
@@ -273,6 +312,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("could not reach rank 0"), "{err}");
+    }
+
+    #[test]
+    fn a_rank_sends_nothing_to_a_listener_that_is_not_rank_0() {
+        // What listens is not rank 0 (say, a gloo pair that took the port): it never greets.
+        let listener = TcpListener::bind(("127.0.0.1", free_port())).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            let mut bytes = Vec::new();
+            let _ = stream.read_to_end(&mut bytes);
+            bytes
+        });
+        let err = all_gather("127.0.0.1", port, 1, 2, vec![7; 64], Duration::from_secs(2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("could not reach rank 0"), "{err}");
+        assert_eq!(received.join().unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn free_port_pairs_are_free_and_below_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let ephemeral_start: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        for _ in 0..20 {
+            let port = free_port_pair().unwrap();
+            assert!((10_000..ephemeral_start - 1).contains(&port), "{port}");
+            let _first = TcpListener::bind(("0.0.0.0", port)).unwrap();
+            let _second = TcpListener::bind(("0.0.0.0", port + 1)).unwrap();
+        }
     }
 
     #[test]

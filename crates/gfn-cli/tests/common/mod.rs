@@ -69,13 +69,11 @@ pub fn assert_ok(out: &Output) {
     );
 }
 
-/// A free TCP port (released again, so only very probably still free).
+/// A MASTER_PORT for a test job: free, with the port after it (the job's rendezvous), and
+/// below the ephemeral range, so that no other test's gloo pair or connection takes either
+/// before the job binds them.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    gfn_ddp::rendezvous::free_port_pair().expect("a free pair of ports below the ephemeral range")
 }
 
 /// 2x8 TB with one intra-op thread: reaches exact TV < 0.05 in 1000 steps at batch 16.
