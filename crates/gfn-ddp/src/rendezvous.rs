@@ -50,22 +50,77 @@ pub fn all_gather(
     contribution: Vec<u8>,
     timeout: Duration,
 ) -> Result<Vec<Vec<u8>>> {
-    let addr = format!("{host}:{port}");
-    let fail = |reason: String| DdpError::Rendezvous {
-        addr: addr.clone(),
-        reason,
-    };
-    if contribution.len() > MAX_CONTRIBUTION as usize {
-        return Err(fail(format!(
-            "a contribution of {} bytes exceeds the {MAX_CONTRIBUTION}-byte limit",
-            contribution.len()
-        )));
+    Rendezvous::join(host, port, rank, world_size, timeout)?.all_gather(contribution)
+}
+
+/// This rank's place at the rendezvous, taken before it opens any other socket: rank 0 holds
+/// the port, and every other rank has heard rank 0 greet on it. So no listener that a rank of
+/// this job binds to a kernel-chosen port (a gloo pair) can be holding the rendezvous port.
+pub struct Rendezvous {
+    addr: String,
+    rank: usize,
+    world_size: usize,
+    timeout: Duration,
+    deadline: Instant,
+    /// Rank 0's listener.
+    listener: Option<TcpListener>,
+}
+
+impl Rendezvous {
+    /// Rank 0 binds the port; another rank waits until rank 0 greets on it. Both within
+    /// `timeout`, which also bounds the all-gather that follows.
+    pub fn join(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let mut rendezvous = Rendezvous {
+            addr: format!("{host}:{port}"),
+            rank,
+            world_size,
+            timeout,
+            deadline: Instant::now() + timeout,
+            listener: None,
+        };
+        if rank == 0 {
+            let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
+                rendezvous.fail(format!("rank 0 cannot listen on port {port}: {e}"))
+            })?;
+            listener.set_nonblocking(true)?;
+            rendezvous.listener = Some(listener);
+        } else {
+            // Heard, and left again: rank 0 takes the closed connection for a stray one.
+            rendezvous.reach_rank_0()?;
+        }
+        Ok(rendezvous)
     }
-    let deadline = Instant::now() + timeout;
-    if rank == 0 {
-        let listener = TcpListener::bind(("0.0.0.0", port))
-            .map_err(|e| fail(format!("rank 0 cannot listen on port {port}: {e}")))?;
-        listener.set_nonblocking(true)?;
+
+    /// Every rank's contribution, indexed by rank.
+    pub fn all_gather(self, contribution: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        if contribution.len() > MAX_CONTRIBUTION as usize {
+            return Err(self.fail(format!(
+                "a contribution of {} bytes exceeds the {MAX_CONTRIBUTION}-byte limit",
+                contribution.len()
+            )));
+        }
+        match &self.listener {
+            Some(listener) => self.serve(listener, contribution),
+            None => self.register(contribution),
+        }
+    }
+
+    fn fail(&self, reason: String) -> DdpError {
+        DdpError::Rendezvous {
+            addr: self.addr.clone(),
+            reason,
+        }
+    }
+
+    /// Rank 0: waits for every other rank's registration, then sends all of them the table.
+    fn serve(&self, listener: &TcpListener, contribution: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        let world_size = self.world_size;
         let mut peers: Vec<Option<(TcpStream, Vec<u8>)>> = (0..world_size).map(|_| None).collect();
         let mut arrived = 1;
         while arrived < world_size {
@@ -86,24 +141,24 @@ pub fn all_gather(
                             arrived += 1;
                         }
                         Ok((r, w, _)) => {
-                            return Err(fail(format!("a peer registered as rank {r} of {w}, but this job has world size {world_size} (or that rank arrived twice)")));
+                            return Err(self.fail(format!("a peer registered as rank {r} of {w}, but this job has world size {world_size} (or that rank arrived twice)")));
                         }
-                        // A stray connection (port scan, health check): ignore it.
+                        // A stray connection (port scan, health check, a rank's first call): ignore it.
                         Err(_) => continue,
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
+                    if Instant::now() >= self.deadline {
                         let missing: Vec<usize> =
                             (1..world_size).filter(|&r| peers[r].is_none()).collect();
-                        return Err(fail(format!(
+                        return Err(self.fail(format!(
                             "ranks {missing:?} of {world_size} did not arrive within {} s",
-                            timeout.as_secs()
+                            self.timeout.as_secs()
                         )));
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => return Err(fail(format!("accept failed: {e}"))),
+                Err(e) => return Err(self.fail(format!("accept failed: {e}"))),
             }
         }
         let mut table = vec![contribution];
@@ -123,51 +178,63 @@ pub fn all_gather(
             stream.write_all(&encoded)?;
         }
         Ok(table)
-    } else {
-        let mut stream = loop {
-            let attempt = addr
+    }
+
+    /// A connection on which rank 0 has greeted, tried until the deadline.
+    fn reach_rank_0(&self) -> Result<TcpStream> {
+        loop {
+            let attempt = self
+                .addr
                 .to_socket_addrs()
-                .map_err(|e| fail(format!("cannot resolve: {e}")))?
+                .map_err(|e| self.fail(format!("cannot resolve: {e}")))?
                 .find_map(|a| greeted_by_rank_0(&a));
             match attempt {
-                Some(stream) => break stream,
-                None if Instant::now() >= deadline => {
-                    return Err(fail(format!(
-                        "rank {rank} could not reach rank 0 within {} s",
-                        timeout.as_secs()
+                Some(stream) => return Ok(stream),
+                None if Instant::now() >= self.deadline => {
+                    return Err(self.fail(format!(
+                        "rank {} could not reach rank 0 within {} s",
+                        self.rank,
+                        self.timeout.as_secs()
                     )))
                 }
                 None => std::thread::sleep(Duration::from_millis(100)),
             }
-        };
+        }
+    }
+
+    /// Another rank: registers with rank 0 and reads the table back.
+    fn register(&self, contribution: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        let mut stream = self.reach_rank_0()?;
         let mut hello = MAGIC.to_vec();
-        hello.extend((rank as u32).to_le_bytes());
-        hello.extend((world_size as u32).to_le_bytes());
+        hello.extend((self.rank as u32).to_le_bytes());
+        hello.extend((self.world_size as u32).to_le_bytes());
         hello.extend((contribution.len() as u32).to_le_bytes());
         hello.extend(&contribution);
         stream.write_all(&hello)?;
-        let remaining = deadline
+        let remaining = self
+            .deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
         stream.set_read_timeout(Some(remaining))?;
         let mut len = [0u8; 8];
         stream.read_exact(&mut len).map_err(|e| {
-            fail(format!(
+            self.fail(format!(
                 "rank 0 did not complete the rendezvous within {} s ({e})",
-                timeout.as_secs()
+                self.timeout.as_secs()
             ))
         })?;
         let len = u64::from_le_bytes(len);
         if len > MAX_TABLE {
-            return Err(fail(format!(
+            return Err(self.fail(format!(
                 "a table of {len} bytes exceeds the {MAX_TABLE}-byte limit"
             )));
         }
         let mut encoded = vec![0u8; len as usize];
         stream
             .read_exact(&mut encoded)
-            .map_err(|e| fail(format!("truncated table ({e})")))?;
-        parse_table(&encoded, world_size).ok_or_else(|| fail("malformed table from rank 0".into()))
+            .map_err(|e| self.fail(format!("truncated table ({e})")))?;
+        parse_table(&encoded, self.world_size)
+            .ok_or_else(|| self.fail("malformed table from rank 0".into()))
     }
 }
 
@@ -333,6 +400,28 @@ mod tests {
             .to_string();
         assert!(err.contains("could not reach rank 0"), "{err}");
         assert_eq!(received.join().unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn a_rank_joins_only_once_rank_0_holds_the_port_and_greets_on_it() {
+        let port = free_port();
+        let started = Instant::now();
+        let guest = std::thread::spawn(move || {
+            let joined = Rendezvous::join("127.0.0.1", port, 1, 2, Duration::from_secs(10));
+            let at = started.elapsed();
+            (at, joined.unwrap().all_gather(vec![1]).unwrap())
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        let host = Rendezvous::join("127.0.0.1", port, 0, 2, Duration::from_secs(10)).unwrap();
+        // Held from the join on: nothing else (a gloo pair) can bind it.
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_err());
+        std::thread::sleep(Duration::from_millis(400));
+        let table = host.all_gather(vec![0]).unwrap();
+        let (joined_at, guest_table) = guest.join().unwrap();
+        // Rank 0 greets from its all-gather on: the guest was still waiting until then.
+        assert!(joined_at >= Duration::from_millis(800), "{joined_at:?}");
+        assert_eq!(table, vec![vec![0], vec![1]]);
+        assert_eq!(guest_table, table);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use crate::comm::{Communicator, LocalCommunicator, WithDeadline};
 use crate::launch_env::{Launcher, RankInfo};
+use crate::rendezvous::Rendezvous;
 use crate::watchdog::{Abort, CollectiveDeadline};
 use crate::{DdpError, Result};
 use std::time::Duration;
@@ -292,6 +293,13 @@ impl World {
         }
         let nccl_id_needed = backend == Backend::Nccl && placement.trainers > 1;
         let gloo_needed = backend == Backend::Gloo && placement.trainers > 1;
+        let over_mpi =
+            info.launcher == Launcher::Mpi || (backend == Backend::Mpi && info.world_size == 1);
+        // Joined before the gloo pairs open their ports (see rendezvous::Rendezvous).
+        let rendezvous = match !over_mpi && info.world_size > 1 {
+            true => Some(tcp_rendezvous(&info, timeout)?),
+            false => None,
+        };
         let gloo_pairs = match gloo_needed && placement.is_trainer() {
             true => Some(gloo_pairs(&info, placement.trainers, timeout)?),
             false => None,
@@ -306,9 +314,7 @@ impl World {
 
         #[cfg(feature = "mpi")]
         let mut mpi = None;
-        let with_header = if info.launcher == Launcher::Mpi
-            || (backend == Backend::Mpi && info.world_size == 1)
-        {
+        let with_header = if over_mpi {
             #[cfg(feature = "mpi")]
             {
                 let world = crate::backends::mpi::MpiWorld::init(timeout)?;
@@ -333,8 +339,8 @@ impl World {
             return Err(DdpError::Launch(
                 "this build has no MPI backend (cargo feature `mpi`)".into(),
             ));
-        } else if info.world_size > 1 {
-            tcp_all_gather(&info, own, timeout)?
+        } else if let Some(rendezvous) = rendezvous {
+            rendezvous.all_gather(own)?
         } else {
             vec![own]
         };
@@ -542,12 +548,12 @@ fn nccl_communicator(_: &[u8], _: &World, _: Duration) -> Result<(Box<dyn Commun
 
 /// Without MPI, every rank meets at a TCP rendezvous served by rank 0, so that a rank that never
 /// arrives is reported by name before any backend blocks.
-fn tcp_all_gather(info: &RankInfo, own: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>> {
+fn tcp_rendezvous(info: &RankInfo, timeout: Duration) -> Result<Rendezvous> {
     let (host, port) = info.master.clone().ok_or_else(|| {
         DdpError::Launch("several ranks without MPI need MASTER_ADDR and MASTER_PORT".into())
     })?;
     let port = crate::rendezvous::rendezvous_port(port, std::env::var("GFN_RENDEZVOUS_PORT").ok())?;
-    crate::rendezvous::all_gather(&host, port, info.rank, info.world_size, own, timeout)
+    Rendezvous::join(&host, port, info.rank, info.world_size, timeout)
 }
 
 #[cfg(test)]

@@ -489,6 +489,7 @@ impl Communicator for GlooCommunicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rendezvous::Rendezvous;
     use std::thread;
     use std::time::Instant;
 
@@ -497,7 +498,8 @@ mod tests {
         crate::rendezvous::free_port_pair().unwrap()
     }
 
-    /// `size` ranks on threads of this process, met at the job's rendezvous, each running
+    /// `size` ranks on threads of this process, met at the job's rendezvous (joined before the
+    /// pairs open their ports, as `world` does), each running
     /// `body` on its connected communicator (meeting in shared windows with `shared_memory`).
     fn on_ranks<T: Send + 'static>(
         size: usize,
@@ -509,17 +511,11 @@ mod tests {
         let ranks: Vec<_> = (0..size)
             .map(|rank| {
                 thread::spawn(move || {
+                    let rendezvous =
+                        Rendezvous::join("127.0.0.1", port, rank, size, timeout).unwrap();
                     let master = Some(("127.0.0.1", port));
                     let pairs = GlooPairs::create(rank, size, rank, master, timeout).unwrap();
-                    let all = crate::rendezvous::all_gather(
-                        "127.0.0.1",
-                        port,
-                        rank,
-                        size,
-                        pairs.addresses(),
-                        timeout,
-                    )
-                    .unwrap();
+                    let all = rendezvous.all_gather(pairs.addresses()).unwrap();
                     body(pairs.connect(&all, shared_memory).unwrap())
                 })
             })
