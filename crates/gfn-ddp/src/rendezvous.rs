@@ -317,7 +317,7 @@ mod tests {
 
     /// Below the ephemeral range: the gloo pairs of tests running beside cannot take it.
     fn free_port() -> u16 {
-        crate::rendezvous::free_port_pair().unwrap()
+        free_port_pair().unwrap()
     }
 
     #[test]
@@ -384,8 +384,8 @@ mod tests {
     #[test]
     fn a_rank_sends_nothing_to_a_listener_that_is_not_rank_0() {
         // What listens is not rank 0 (say, a gloo pair that took the port): it never greets.
-        let listener = TcpListener::bind(("127.0.0.1", free_port())).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let port = free_port();
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let received = std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
             stream

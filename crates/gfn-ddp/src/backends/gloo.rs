@@ -493,11 +493,6 @@ mod tests {
     use std::thread;
     use std::time::Instant;
 
-    /// Below the ephemeral range: the gloo pairs of tests running beside cannot take it.
-    fn free_port() -> u16 {
-        crate::rendezvous::free_port_pair().unwrap()
-    }
-
     /// `size` ranks on threads of this process, met at the job's rendezvous (joined before the
     /// pairs open their ports, as `world` does), each running
     /// `body` on its connected communicator (meeting in shared windows with `shared_memory`).
@@ -507,7 +502,8 @@ mod tests {
         timeout: Duration,
         body: impl Fn(GlooCommunicator) -> T + Send + Sync + Copy + 'static,
     ) -> Vec<T> {
-        let port = free_port();
+        // Below the ephemeral range: the gloo pairs of tests running beside cannot take it.
+        let port = crate::rendezvous::free_port_pair().unwrap();
         let ranks: Vec<_> = (0..size)
             .map(|rank| {
                 thread::spawn(move || {

@@ -373,129 +373,134 @@ impl Windows {
 }
 
 #[cfg(feature = "gloo")]
-/// A file in /dev/shm (unlinked once every rank has mapped it) holding every rank's segment:
-/// node memory for backends without a shared window of their own.
-pub(crate) struct NodeFile {
-    base: *mut u8,
-    bytes: usize,
-    segment: usize,
-    ranks: usize,
-}
+pub(crate) use node_file::NodeFile;
 
+/// Node memory in a /dev/shm file (the gloo backend's: MPI has its own shared windows).
 #[cfg(feature = "gloo")]
-fn io_error(what: &str, path: &str) -> DdpError {
-    DdpError::Backend {
-        backend: "shared memory",
-        reason: format!("{what} {path}: {}", std::io::Error::last_os_error()),
-    }
-}
+mod node_file {
+    use super::{segment_bytes, NodeMemory};
+    use crate::{DdpError, Result};
 
-#[cfg(feature = "gloo")]
-impl NodeFile {
-    /// Creates the file (it must not exist) with room reserved for `ranks` segments of a
-    /// window of `len` values: full tmpfs fails here, not with SIGBUS on first touch.
-    pub(crate) fn create(path: &str, ranks: usize, len: usize) -> Result<Self> {
-        Self::map(
-            path,
-            ranks,
-            len,
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
-        )
+    /// A file in /dev/shm (unlinked once every rank has mapped it) holding every rank's segment:
+    /// node memory for backends without a shared window of their own.
+    pub(crate) struct NodeFile {
+        base: *mut u8,
+        bytes: usize,
+        segment: usize,
+        ranks: usize,
     }
 
-    /// Maps the file that rank 0 created.
-    pub(crate) fn open(path: &str, ranks: usize, len: usize) -> Result<Self> {
-        Self::map(path, ranks, len, libc::O_RDWR)
-    }
-
-    fn map(path: &str, ranks: usize, len: usize, flags: libc::c_int) -> Result<Self> {
-        let segment = segment_bytes(len);
-        let bytes = segment * ranks;
-        let name = std::ffi::CString::new(path).expect("window paths hold no NUL");
-        // SAFETY: a NUL-terminated path; the descriptor is closed below on every path.
-        let fd = unsafe { libc::open(name.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
-        if fd < 0 {
-            return Err(io_error("cannot open", path));
-        }
-        let mapped = Self::map_fd(fd, path, bytes, flags & libc::O_CREAT != 0);
-        // SAFETY: `fd` is open; a mapping outlives its descriptor.
-        unsafe { libc::close(fd) };
-        let base = mapped?;
-        Ok(NodeFile {
-            base,
-            bytes,
-            segment,
-            ranks,
-        })
-    }
-
-    fn map_fd(fd: libc::c_int, path: &str, bytes: usize, create: bool) -> Result<*mut u8> {
-        let size = libc::off_t::try_from(bytes).map_err(|_| DdpError::Backend {
+    fn io_error(what: &str, path: &str) -> DdpError {
+        DdpError::Backend {
             backend: "shared memory",
-            reason: format!("a window of {bytes} bytes is too large"),
-        })?;
-        if create {
-            // SAFETY: `fd` is an open, writable file.
-            let code = unsafe { libc::posix_fallocate(fd, 0, size) };
-            if code != 0 {
-                return Err(DdpError::Backend {
-                    backend: "shared memory",
-                    reason: format!(
-                        "cannot reserve {bytes} bytes for {path}: {}",
-                        std::io::Error::from_raw_os_error(code)
-                    ),
-                });
-            }
-        } else {
-            // SAFETY: `stat` is a valid out-parameter for an open descriptor.
-            let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-            if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_size != size {
-                return Err(DdpError::Backend {
-                    backend: "shared memory",
-                    reason: format!("{path} is not the {bytes}-byte window rank 0 made"),
-                });
-            }
+            reason: format!("{what} {path}: {}", std::io::Error::last_os_error()),
         }
-        // SAFETY: maps `bytes` of an open file that is at least that long.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
+    }
+
+    impl NodeFile {
+        /// Creates the file (it must not exist) with room reserved for `ranks` segments of a
+        /// window of `len` values: full tmpfs fails here, not with SIGBUS on first touch.
+        pub(crate) fn create(path: &str, ranks: usize, len: usize) -> Result<Self> {
+            Self::map(
+                path,
+                ranks,
+                len,
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
             )
-        };
-        match base {
-            libc::MAP_FAILED => Err(io_error("cannot map", path)),
-            base => Ok(base.cast()),
+        }
+
+        /// Maps the file that rank 0 created.
+        pub(crate) fn open(path: &str, ranks: usize, len: usize) -> Result<Self> {
+            Self::map(path, ranks, len, libc::O_RDWR)
+        }
+
+        fn map(path: &str, ranks: usize, len: usize, flags: libc::c_int) -> Result<Self> {
+            let segment = segment_bytes(len);
+            let bytes = segment * ranks;
+            let name = std::ffi::CString::new(path).expect("window paths hold no NUL");
+            // SAFETY: a NUL-terminated path; the descriptor is closed below on every path.
+            let fd = unsafe { libc::open(name.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+            if fd < 0 {
+                return Err(io_error("cannot open", path));
+            }
+            let mapped = Self::map_fd(fd, path, bytes, flags & libc::O_CREAT != 0);
+            // SAFETY: `fd` is open; a mapping outlives its descriptor.
+            unsafe { libc::close(fd) };
+            let base = mapped?;
+            Ok(NodeFile {
+                base,
+                bytes,
+                segment,
+                ranks,
+            })
+        }
+
+        fn map_fd(fd: libc::c_int, path: &str, bytes: usize, create: bool) -> Result<*mut u8> {
+            let size = libc::off_t::try_from(bytes).map_err(|_| DdpError::Backend {
+                backend: "shared memory",
+                reason: format!("a window of {bytes} bytes is too large"),
+            })?;
+            if create {
+                // SAFETY: `fd` is an open, writable file.
+                let code = unsafe { libc::posix_fallocate(fd, 0, size) };
+                if code != 0 {
+                    return Err(DdpError::Backend {
+                        backend: "shared memory",
+                        reason: format!(
+                            "cannot reserve {bytes} bytes for {path}: {}",
+                            std::io::Error::from_raw_os_error(code)
+                        ),
+                    });
+                }
+            } else {
+                // SAFETY: `stat` is a valid out-parameter for an open descriptor.
+                let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+                if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_size != size {
+                    return Err(DdpError::Backend {
+                        backend: "shared memory",
+                        reason: format!("{path} is not the {bytes}-byte window rank 0 made"),
+                    });
+                }
+            }
+            // SAFETY: maps `bytes` of an open file that is at least that long.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            };
+            match base {
+                libc::MAP_FAILED => Err(io_error("cannot map", path)),
+                base => Ok(base.cast()),
+            }
+        }
+
+        /// Removes the name once every rank has mapped the file: the memory stays until the last
+        /// mapping goes, and nothing is left behind in /dev/shm however the job ends.
+        pub(crate) fn unlink(path: &str) {
+            let name = std::ffi::CString::new(path).expect("window paths hold no NUL");
+            // SAFETY: a NUL-terminated path.
+            unsafe { libc::unlink(name.as_ptr()) };
         }
     }
 
-    /// Removes the name once every rank has mapped the file: the memory stays until the last
-    /// mapping goes, and nothing is left behind in /dev/shm however the job ends.
-    pub(crate) fn unlink(path: &str) {
-        let name = std::ffi::CString::new(path).expect("window paths hold no NUL");
-        // SAFETY: a NUL-terminated path.
-        unsafe { libc::unlink(name.as_ptr()) };
+    impl NodeMemory for NodeFile {
+        fn segments(&self) -> Vec<*mut u8> {
+            // SAFETY: every segment lies inside the mapping.
+            (0..self.ranks)
+                .map(|r| unsafe { self.base.add(r * self.segment) })
+                .collect()
+        }
     }
-}
 
-#[cfg(feature = "gloo")]
-impl NodeMemory for NodeFile {
-    fn segments(&self) -> Vec<*mut u8> {
-        // SAFETY: every segment lies inside the mapping.
-        (0..self.ranks)
-            .map(|r| unsafe { self.base.add(r * self.segment) })
-            .collect()
-    }
-}
-
-#[cfg(feature = "gloo")]
-impl Drop for NodeFile {
-    fn drop(&mut self) {
-        // SAFETY: the mapping is live and nothing borrows it beyond its window, dropped first.
-        unsafe { libc::munmap(self.base.cast(), self.bytes) };
+    impl Drop for NodeFile {
+        fn drop(&mut self) {
+            // SAFETY: the mapping is live and nothing borrows it beyond its window, dropped first.
+            unsafe { libc::munmap(self.base.cast(), self.bytes) };
+        }
     }
 }
