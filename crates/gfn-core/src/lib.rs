@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod params;
+pub mod policy_weights;
 pub mod replay;
 pub mod sampler;
 pub mod subnormals;

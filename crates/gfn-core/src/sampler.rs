@@ -4,6 +4,7 @@
 use crate::env::{exit_action, Environment, NO_ACTION};
 use crate::estimators::{Estimators, HostScratch};
 use crate::parallel::{even_shares, map_on_pool, ReadOnly, ThreadPool};
+use crate::policy_weights::policy_weights;
 use crate::trajectories::Trajectories;
 use crate::unique::UniqueRows;
 use crate::{Error, Result};
@@ -56,26 +57,7 @@ pub fn choose_action(
     rng: &mut impl Rng,
     scratch: &mut Vec<f64>,
 ) -> usize {
-    let inv_t = 1.0 / exploration.temperature;
-    let max = logits
-        .iter()
-        .zip(mask)
-        .filter(|(_, &m)| m)
-        .map(|(&l, _)| l as f64 * inv_t)
-        .fold(f64::NEG_INFINITY, f64::max);
-    scratch.clear();
-    let mut total = 0.0;
-    let mut n_allowed = 0usize;
-    for (&l, &m) in logits.iter().zip(mask) {
-        let w = if m {
-            ((l as f64) * inv_t - max).exp()
-        } else {
-            0.0
-        };
-        n_allowed += m as usize;
-        total += w;
-        scratch.push(w);
-    }
+    let (total, n_allowed) = policy_weights(logits, mask, 1.0 / exploration.temperature, scratch);
     let eps = exploration.epsilon;
     let uniform = if n_allowed > 0 {
         eps / n_allowed as f64

@@ -287,7 +287,7 @@ impl Transformer {
 
 extern "C" {
     /// `attention.cpp`: a new tensor the caller owns, or null (reason from the next).
-    fn gfn_small_attention(qkv: *const c_void, heads: i64) -> *mut c_void;
+    fn gfn_small_attention(qkv: *const c_void, heads: i64, allow_avx512: bool) -> *mut c_void;
     fn gfn_attention_error() -> *const std::ffi::c_char;
 }
 
@@ -296,17 +296,18 @@ extern "C" {
 /// libtorch's scaled_dot_product_attention on the heads split out.
 fn attention(qkv: &Tensor, heads: i64) -> Tensor {
     if qkv.device() == Device::Cpu && qkv.kind() == Kind::Float {
-        small_attention(qkv, heads)
+        small_attention(qkv, heads, true)
     } else {
         library_attention(qkv, heads)
     }
 }
 
-fn small_attention(qkv: &Tensor, heads: i64) -> Tensor {
+/// `allow_avx512` false keeps to the narrower loops (the tests check both).
+fn small_attention(qkv: &Tensor, heads: i64, allow_avx512: bool) -> Tensor {
     // SAFETY: `qkv` is a live tensor for the duration of the call; a non-null result is a
     // newly allocated tensor whose ownership passes to the returned `Tensor`.
     unsafe {
-        let out = gfn_small_attention(qkv.as_ptr().cast(), heads);
+        let out = gfn_small_attention(qkv.as_ptr().cast(), heads, allow_avx512);
         assert!(
             !out.is_null(),
             "the CPU attention failed: {}",
@@ -369,21 +370,27 @@ mod tests {
     fn the_cpu_attention_and_its_gradient_are_libtorch_s() {
         tch::manual_seed(4);
         // The general loops (7 tokens, heads of 4) and the vector kernels (16 tokens, heads of
-        // 8), on a non-contiguous input (a view) as the Transformer may pass.
-        for (rows, length, heads, head_width) in [(5, 7, 3, 4), (9, 16, 2, 8)] {
+        // 8; AVX-512 where the CPU has it, and the narrower ones), on a non-contiguous input
+        // (a view) as the Transformer may pass.
+        let cases = [
+            (5, 7, 3, 4, true),
+            (9, 16, 2, 8, true),
+            (9, 16, 2, 8, false),
+        ];
+        for (rows, length, heads, head_width, widest) in cases {
             let width = heads * head_width;
             let base = Tensor::randn([rows, length, 3 * width + 2], (Kind::Float, Device::Cpu));
             let weights = Tensor::randn([rows, length, width], (Kind::Float, Device::Cpu));
-            let run = |f: fn(&Tensor, i64) -> Tensor| {
+            let run = |f: &dyn Fn(&Tensor, i64) -> Tensor| {
                 let leaf = base.detach().set_requires_grad(true);
                 let out = f(&leaf.narrow(2, 1, 3 * width), heads);
                 (&out * &weights).sum(Kind::Float).backward();
                 (out.detach(), leaf.grad())
             };
-            let (ours, our_grad) = run(small_attention);
-            let (theirs, their_grad) = run(library_attention);
+            let (ours, our_grad) = run(&|qkv, heads| small_attention(qkv, heads, widest));
+            let (theirs, their_grad) = run(&library_attention);
             let gap = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
-            let case = format!("{length} tokens, heads of {head_width}");
+            let case = format!("{length} tokens, heads of {head_width}, widest {widest}");
             assert!(
                 gap(&ours, &theirs) < 1e-5,
                 "{case}: outputs differ by {}",
