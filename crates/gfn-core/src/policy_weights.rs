@@ -146,10 +146,7 @@ fn lane_sum(values: &[f64]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-/// exp(x) for x ≤ 0, within 2 ulp: x = n ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor
-/// series to degree 13 (remainder below 1e-17), times 2^n from the exponent bits. Under −708
-/// (where e^x nears the smallest normal f64) it gives 0: such an action is never drawn.
-/// 1/k! for k = 0..=13, the Taylor series' coefficients.
+/// 1/k! for k = 0..=13, the coefficients of [`exp_nonpositive`]'s Taylor series.
 const COEFFICIENTS: [f64; 14] = {
     let mut out = [1.0; 14];
     let mut k = 1;
