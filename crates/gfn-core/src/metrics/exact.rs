@@ -5,6 +5,7 @@
 use super::{EvalContext, Metric, Values};
 use crate::env::{exit_action, Environment};
 use crate::estimators::Estimators;
+use crate::policy_weights::policy_weights;
 use crate::truth::{all_states, GroundTruth};
 use crate::Result;
 use rand::Rng;
@@ -23,6 +24,7 @@ pub fn forward_policy_table(env: &dyn Environment, estimators: &Estimators) -> R
     let n = states.len() / d;
     let mut table = Vec::with_capacity(n * n_actions);
     let mut masks = vec![false; TABLE_CHUNK.min(n) * n_actions];
+    let mut weights = Vec::with_capacity(n_actions);
     for chunk in states.chunks(TABLE_CHUNK * d) {
         let rows = chunk.len() / d;
         let logits = estimators
@@ -36,32 +38,14 @@ pub fn forward_policy_table(env: &dyn Environment, estimators: &Estimators) -> R
             .chunks_exact(n_actions)
             .zip(masks.chunks_exact(n_actions))
         {
-            softmax_masked(row, mask, &mut table);
+            // The sampler's own weights; a row with no allowed action (a complete state) is
+            // all zeros, left as it is.
+            let (total, _) = policy_weights(row, mask, 1.0, &mut weights);
+            let total = if total > 0.0 { total } else { 1.0 };
+            table.extend(weights.iter().map(|&w| w / total));
         }
     }
     Ok(table)
-}
-
-/// Appends the masked softmax of one row; a row with no allowed action (a complete state)
-/// appends zeros.
-fn softmax_masked(logits: &[f32], mask: &[bool], out: &mut Vec<f64>) {
-    let max = logits
-        .iter()
-        .zip(mask)
-        .filter(|(_, &m)| m)
-        .map(|(&l, _)| l as f64)
-        .fold(f64::NEG_INFINITY, f64::max);
-    let start = out.len();
-    out.extend(
-        logits
-            .iter()
-            .zip(mask)
-            .map(|(&l, &m)| if m { (l as f64 - max).exp() } else { 0.0 }),
-    );
-    let total: f64 = out[start..].iter().sum();
-    if total > 0.0 {
-        out[start..].iter_mut().for_each(|p| *p /= total);
-    }
 }
 
 /// The exact probability of terminating in each state under `policy` (from
