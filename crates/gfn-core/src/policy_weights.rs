@@ -106,7 +106,8 @@ fn policy_weights_portable(
     (lane_sum(weights), n_allowed)
 }
 
-/// The largest logit among the allowed, in lanes as [`lane_sum`].
+/// The largest logit among the allowed, in sixteen f32 lanes (one AVX-512 register), which
+/// vectorises as [`lane_sum`] does.
 #[inline(always)]
 fn allowed_max(logits: &[f32], mask: &[bool]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 2 * LANES];
