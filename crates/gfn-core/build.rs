@@ -1,21 +1,23 @@
-//! The torch rpath of every libtorch crate, and the Transformer's CPU attention
-//! (`src/estimators/attention.cpp`), a libtorch autograd function compiled against the same
-//! headers as torch-sys compiles its own C++.
+//! The torch rpath of every libtorch crate, and the Transformer's CPU attention and affine
+//! layers (`src/estimators/attention.cpp`, `linear.cpp`), libtorch autograd functions compiled
+//! against the same headers as torch-sys compiles its own C++.
 
 #[path = "../../build/torch_rpath.rs"]
 mod torch_rpath;
 
-const ATTENTION: &str = "src/estimators/attention.cpp";
+const KERNELS: [&str; 2] = ["src/estimators/attention.cpp", "src/estimators/linear.cpp"];
 
 fn main() {
     torch_rpath::main();
-    println!("cargo:rerun-if-changed={ATTENTION}");
+    for file in KERNELS.iter().chain(&["src/estimators/vectors.h"]) {
+        println!("cargo:rerun-if-changed={file}");
+    }
     let Some(includes) = torch_rpath::torch_include_dirs() else {
         panic!("libtorch not found: run launch/setup.sh (it installs the pinned torch)");
     };
     cc::Build::new()
         .cpp(true)
-        .file(ATTENTION)
+        .files(KERNELS)
         .includes(includes)
         .flag("-std=c++17")
         // torch 2.x wheels use the C++11 ABI, as torch-sys assumes by default.

@@ -3,10 +3,10 @@
 
 mod common;
 
-use gfn_core::env::{exit_action, Environment};
+use gfn_core::env::{exit_action, BitSeq, BitSeqConfig, Environment};
 use gfn_core::estimators::{
     additive_mask, masked_log_softmax, Architecture, BackwardPolicy, EstimatorConfig, Estimators,
-    HostScratch, Wanted,
+    HostScratch, TransformerConfig, Wanted,
 };
 use gfn_core::losses::{evaluate, prepare, BatchNeeds};
 use gfn_core::sampler::{sample_trajectories, Exploration};
@@ -72,6 +72,36 @@ fn host_policy_matches_libtorch() {
                     "{architecture:?}, {rows} rows, logit {i}: host {h} vs libtorch {t}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn host_transformer_matches_libtorch_at_gfnx_size() {
+    // gfnx's bitseq policy: sixteen tokens, heads of eight (the vector attention kernels), on
+    // states of every length that its own rollouts reach.
+    tch::set_num_threads(1);
+    let env = BitSeq::new(BitSeqConfig::default()).unwrap();
+    let config = EstimatorConfig {
+        architecture: Architecture::Transformer(TransformerConfig::default()),
+        backward: BackwardPolicy::Uniform,
+        log_flow: false,
+        log_z: true,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+    let est = Estimators::new(&env, config, Device::Cpu, &mut rng).unwrap();
+    let batch = sample_trajectories(&env, &est, 3, Exploration::ON_POLICY, &mut rng).unwrap();
+    let mut scratch = HostScratch::default();
+    for (chunk, states) in batch.states.chunks(8 * env.state_dim()).enumerate() {
+        let mut host = Vec::new();
+        assert!(est.pf_logits_host(&env, states, &mut host, &mut scratch));
+        let torch = values(&est.pf_logits_no_grad(&est.input(&env, states)));
+        assert_eq!(host.len(), torch.len());
+        for (i, (h, t)) in host.iter().zip(&torch).enumerate() {
+            assert!(
+                (h - t).abs() <= 1e-4 * (1.0 + t.abs()),
+                "chunk {chunk}, logit {i}: host {h} vs libtorch {t}"
+            );
         }
     }
 }

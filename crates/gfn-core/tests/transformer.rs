@@ -2,13 +2,15 @@
 //! loops from its definition (embedding + sinusoidal positions; per layer multi-head
 //! attention with a residual, then LayerNorm → Linear → ReLU → Linear added to the normalised
 //! input and normalised again; heads per token and from token 0), reading the same parameters.
+//! Both of our passes are checked: libtorch's (training) and the plain-Rust one of rollouts.
 
 mod common;
 
 use common::{param, small_bitseq};
 use gfn_core::env::{BitSeq, BitSeqAppend, Environment};
 use gfn_core::estimators::{
-    Architecture, BackwardPolicy, EstimatorConfig, Estimators, TransformerConfig, Wanted,
+    Architecture, BackwardPolicy, EstimatorConfig, Estimators, HostScratch, TransformerConfig,
+    Wanted,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -220,6 +222,14 @@ fn check_against_the_loops(env: &dyn Environment, backward: BackwardPolicy) {
         &values(&out.pf_logits.unwrap()),
         &pf,
         &format!("{case}: P_F logits"),
+    );
+    let mut host = Vec::new();
+    assert!(est.pf_logits_host(env, &states, &mut host, &mut HostScratch::default()));
+    let host: Vec<f64> = host.into_iter().map(f64::from).collect();
+    close(
+        &host,
+        &pf,
+        &format!("{case}: P_F logits of the rollouts' pass"),
     );
     close(
         &values(&out.pb_logits.unwrap()),

@@ -15,53 +15,22 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
-#include <cstring>
 #include <string>
 #include <vector>
+
+#include "vectors.h"
 
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
-// The vector kernels' one body, compiled three times: for AVX-512 (a query's sixteen scores in
+// The vector kernels' one body is compiled three times: for AVX-512 (a query's sixteen scores in
 // one register), for AVX2 and FMA, and for any x86-64.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define GFN_AVX512 1
-#define GFN_512 __attribute__((target("avx512f,avx512dq,avx512vl,fma")))
-#define GFN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define GFN_CLONES
-#endif
-// A body that takes the vector width of the function it is inlined into.
-#define GFN_INLINE inline __attribute__((always_inline))
 
 struct Shape {
   int64_t rows, length, width, heads, head_width;
 };
-
-// Four, eight and sixteen floats, as the vector extensions of GCC and Clang write them: each
-// compiles to the widest registers of the function it ends up in.
-typedef float v4 __attribute__((vector_size(16)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v16 __attribute__((vector_size(64)));
-
-template <class V>
-GFN_INLINE V splat(float x) {
-  return V{} + x;
-}
-
-template <class V>
-GFN_INLINE V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <class V>
-GFN_INLINE void store(float* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
 
 // `op` folded over sixteen lanes by halves: one fixed order of sums whatever the register width.
 template <class Op>
@@ -336,12 +305,7 @@ const Kernels KERNELS[] = {
 // narrower ones, as the tests do to check both).
 Choice kernels_for(const Shape& s, bool allow_avx512) {
   if (s.length != L16 || s.head_width != D8) return GENERAL;
-#ifdef GFN_AVX512
-  if (allow_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return AVX512;
-  }
-#endif
+  if (allow_avx512 && has_avx512()) return AVX512;
   return VECTOR;
 }
 
@@ -417,3 +381,12 @@ extern "C" at::Tensor* gfn_small_attention(const at::Tensor* qkv, int64_t heads,
 }
 
 extern "C" const char* gfn_attention_error() { return last_error.c_str(); }
+
+// The forward pass alone on plain buffers, on the calling thread (a rollout's policy call):
+// `qkv` [rows, length, 3 · width] contiguous into `out` [rows, length, width], with `probs`
+// ([rows, heads, length, length]) as scratch for the softmax weights.
+extern "C" void gfn_attention_forward(const float* qkv, float* out, float* probs, int64_t rows,
+                                      int64_t length, int64_t heads, int64_t width) {
+  const Shape s{rows, length, width, heads, width / heads};
+  KERNELS[kernels_for(s, true)].forward(qkv, out, probs, s, 0, rows);
+}

@@ -3,7 +3,7 @@
 //! ([`crate::host_mlp`]).
 
 use super::linear::Linear;
-use super::{at_least_one, HeadWidths, Network, Outputs, Wanted};
+use super::{at_least_one, HeadWidths, HostScratch, Network, Outputs, Wanted};
 use crate::env::Environment;
 use crate::params::{ParamId, ParamStore, ParamStoreBuilder, ParamViews};
 use crate::Result;
@@ -16,14 +16,6 @@ pub(crate) struct Mlp {
     pb: Option<Linear>,
     log_flow: Option<Linear>,
     heads: HeadWidths,
-}
-
-/// Buffers that the host forward pass reuses between the steps of a rollout.
-#[derive(Debug, Default)]
-pub struct HostScratch {
-    input: Vec<f32>,
-    hidden: Vec<f32>,
-    next: Vec<f32>,
 }
 
 /// The dense encoding as a `[rows, encoding_dim]` tensor.
@@ -105,11 +97,7 @@ impl Network for Mlp {
         };
         let host = |id: ParamId| params.host_values(id).expect("parameters on the CPU");
         let rows = states.len() / env.state_dim();
-        let HostScratch {
-            input,
-            hidden,
-            next,
-        } = scratch;
+        let [input, hidden, next] = scratch.buffers();
         input.resize(rows * env.encoding_dim(), 0.0);
         env.encode(states, input);
         let mut x: &[f32] = input;

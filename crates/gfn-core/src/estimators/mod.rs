@@ -10,7 +10,6 @@ mod noisy;
 mod tabular;
 mod transformer;
 
-pub use mlp::HostScratch;
 pub use noisy::{NoisyConfig, ParameterNoise, Unperturb};
 pub use transformer::TransformerConfig;
 
@@ -419,6 +418,30 @@ impl Estimators {
                 .or(out.pb_logits)
                 .expect("the estimators have the asked-for head")
         })
+    }
+}
+
+/// Buffers that the host forward pass reuses between the steps of a rollout.
+#[derive(Debug, Default)]
+pub struct HostScratch {
+    tokens: Vec<i64>,
+    buffers: Vec<Vec<f32>>,
+}
+
+impl HostScratch {
+    /// `N` distinct buffers, each as the last call left it.
+    fn buffers<const N: usize>(&mut self) -> [&mut Vec<f32>; N] {
+        self.tokens_and_buffers().1
+    }
+
+    /// A buffer of token ids and `N` of values.
+    fn tokens_and_buffers<const N: usize>(&mut self) -> (&mut Vec<i64>, [&mut Vec<f32>; N]) {
+        if self.buffers.len() < N {
+            self.buffers.resize_with(N, Vec::new);
+        }
+        let mut each = self.buffers.iter_mut();
+        let buffers = std::array::from_fn(|_| each.next().expect("resized to at least N"));
+        (&mut self.tokens, buffers)
     }
 }
 

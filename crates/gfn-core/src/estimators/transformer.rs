@@ -11,9 +11,9 @@
 //! layer forward and backward at 241 states, against 7.5 ms).
 
 use super::linear::Linear;
-use super::{at_least_one, HeadWidths, Network, Outputs, Wanted};
+use super::{at_least_one, HeadWidths, HostScratch, Network, Outputs, Wanted};
 use crate::env::{Environment, TokenLayout, Tokenized};
-use crate::params::{ParamGroup, ParamId, ParamStoreBuilder, ParamViews};
+use crate::params::{ParamGroup, ParamId, ParamStore, ParamStoreBuilder, ParamViews};
 use crate::{Error, Result};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -184,7 +184,7 @@ impl Head {
         let rows = encoded.size()[0];
         let per_token = self.per_token.as_ref().map(|(layout, linear)| {
             let tokens = encoded.narrow(1, layout.first as i64, layout.positions as i64);
-            linear.forward(p, &tokens).reshape([rows, -1])
+            dense(p, linear, &tokens).reshape([rows, -1])
         });
         let pooled = self
             .pooled
@@ -273,22 +273,150 @@ impl Transformer {
             .to_device(embedded.device());
         let mut x = embedded + positions;
         for block in &self.blocks {
-            let attended = attention(&block.qkv.forward(p, &x), heads);
-            let attended = block.out.forward(p, &attended) + x;
+            let attended = attention(&dense(p, &block.qkv, &x), heads);
+            let attended = dense(p, &block.out, &attended) + x;
             let normed = block.norm_in.forward(p, &attended);
-            let ff = block
-                .ff_out
-                .forward(p, &block.ff_in.forward(p, &normed).relu());
+            let ff = dense(p, &block.ff_out, &dense(p, &block.ff_in, &normed).relu());
             x = block.norm_out.forward(p, &(ff + normed));
         }
         x
     }
 }
 
+/// The host pass's per-token linear layer: `x` of `rows × inputs` into `out`.
+fn linear_host(params: &ParamStore, linear: &Linear, x: &[f32], relu: bool, out: &mut Vec<f32>) {
+    let host = |id: ParamId| params.host_values(id).expect("parameters on the CPU");
+    let bias = host(linear.bias);
+    let rows = x.len() / (host(linear.weight).len() / bias.len());
+    out.resize(rows * bias.len(), 0.0);
+    crate::host_mlp::linear(x, host(linear.weight), bias, rows, relu, out);
+}
+
+/// Σ f(v) over `values`, sixteen partial sums at a time (which the compiler vectorises).
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = values.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// `x += residual`, then LayerNorm of each row of `x` in place.
+fn add_and_normalise(params: &ParamStore, norm: &LayerNorm, x: &mut [f32], residual: &[f32]) {
+    let host = |id: ParamId| params.host_values(id).expect("parameters on the CPU");
+    let (weight, bias) = (host(norm.weight), host(norm.bias));
+    x.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+    let n = weight.len() as f32;
+    for row in x.chunks_exact_mut(weight.len()) {
+        let mean = lane_sum(row, |v| v) / n;
+        let variance = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
+        let scale = 1.0 / (variance + LAYER_NORM_EPS as f32).sqrt();
+        for ((v, w), b) in row.iter_mut().zip(weight).zip(bias) {
+            *v = (*v - mean) * scale * w + b;
+        }
+    }
+}
+
+impl Transformer {
+    /// [`Transformer::encode`] in plain Rust for `rows` states: `[rows · length, width]` into
+    /// the scratch's first buffer.
+    fn encode_host(
+        &self,
+        params: &ParamStore,
+        tokens: &dyn Tokenized,
+        states: &[i64],
+        rows: usize,
+        scratch: &mut HostScratch,
+    ) {
+        let (ids, [x, qkv, attended, probs, normed, inner]) = scratch.tokens_and_buffers();
+        let (length, width, heads) = (tokens.length(), self.config.width, self.config.heads);
+        ids.resize(rows * length, 0);
+        tokens.tokenize(states, ids);
+        let embedding = params
+            .host_values(self.embedding)
+            .expect("parameters on the CPU");
+        x.resize(ids.len() * width, 0.0);
+        for (t, (&id, row)) in ids.iter().zip(x.chunks_exact_mut(width)).enumerate() {
+            let position = &self.positions[(t % length) * width..][..width];
+            let embedded = &embedding[id as usize * width..][..width];
+            for ((v, e), p) in row.iter_mut().zip(embedded).zip(position) {
+                *v = e + p;
+            }
+        }
+        for block in &self.blocks {
+            linear_host(params, &block.qkv, x, false, qkv);
+            attended.resize(x.len(), 0.0);
+            probs.resize(rows * heads * length * length, 0.0);
+            // SAFETY: the buffers hold the sizes that the kernel reads and writes.
+            unsafe {
+                gfn_attention_forward(
+                    qkv.as_ptr(),
+                    attended.as_mut_ptr(),
+                    probs.as_mut_ptr(),
+                    rows as i64,
+                    length as i64,
+                    heads as i64,
+                    width as i64,
+                )
+            };
+            linear_host(params, &block.out, attended, false, normed);
+            add_and_normalise(params, &block.norm_in, normed, x);
+            linear_host(params, &block.ff_in, normed, true, inner);
+            linear_host(params, &block.ff_out, inner, false, x);
+            add_and_normalise(params, &block.norm_out, x, normed);
+        }
+    }
+}
+
+/// `x · W + b` of `linear`: on AVX-512 CPUs, for widths that are multiples of 16, our own
+/// autograd function (`linear.cpp`); elsewhere libtorch's.
+fn dense(p: &ParamViews, linear: &Linear, x: &Tensor) -> Tensor {
+    let (weight, bias) = (&p[linear.weight], &p[linear.bias]);
+    let (inputs, outputs) = (weight.size()[0], weight.size()[1]);
+    // SAFETY: a pure function of two integers.
+    let fits = unsafe { gfn_small_linear_fits(inputs, outputs) };
+    if x.device() != Device::Cpu || x.kind() != Kind::Float || !fits {
+        return linear.forward(p, x);
+    }
+    // SAFETY: the three tensors are alive for the call; a non-null result is a new tensor whose
+    // ownership passes to the returned `Tensor`.
+    unsafe {
+        let out = gfn_small_linear(
+            x.as_ptr().cast(),
+            weight.as_ptr().cast(),
+            bias.as_ptr().cast(),
+        );
+        assert!(
+            !out.is_null(),
+            "the CPU linear layer failed: {}",
+            std::ffi::CStr::from_ptr(gfn_linear_error()).to_string_lossy()
+        );
+        Tensor::from_ptr(out.cast())
+    }
+}
+
 extern "C" {
+    /// `linear.cpp`: whether it takes a layer of these widths on this CPU.
+    fn gfn_small_linear_fits(inputs: i64, outputs: i64) -> bool;
+    /// `linear.cpp`: a new tensor the caller owns, or null (reason from the next).
+    fn gfn_small_linear(x: *const c_void, w: *const c_void, b: *const c_void) -> *mut c_void;
+    fn gfn_linear_error() -> *const std::ffi::c_char;
     /// `attention.cpp`: a new tensor the caller owns, or null (reason from the next).
     fn gfn_small_attention(qkv: *const c_void, heads: i64, allow_avx512: bool) -> *mut c_void;
     fn gfn_attention_error() -> *const std::ffi::c_char;
+    /// `attention.cpp`: the forward pass on contiguous buffers, on this thread.
+    fn gfn_attention_forward(
+        qkv: *const f32,
+        out: *mut f32,
+        probs: *mut f32,
+        rows: i64,
+        length: i64,
+        heads: i64,
+        width: i64,
+    );
 }
 
 /// Multi-head self-attention of `qkv` (`[rows, length, 3 · width]`: queries, keys, values) into
@@ -338,6 +466,42 @@ fn library_attention(qkv: &Tensor, heads: i64) -> Tensor {
     .reshape([rows, length, width])
 }
 
+impl Head {
+    /// [`Head::forward`] in plain Rust from the encoder's `encoded` (`[rows · length, width]`).
+    fn forward_host(
+        &self,
+        params: &ParamStore,
+        encoded: &[f32],
+        (length, width): (usize, usize),
+        [gathered, per_token, pooled]: [&mut Vec<f32>; 3],
+        logits: &mut Vec<f32>,
+    ) {
+        let rows = encoded.len() / (length * width);
+        // Tokens `first..first + count` of every state, one after the other.
+        let gather = |first: usize, count: usize, into: &mut Vec<f32>| {
+            into.clear();
+            for state in encoded.chunks_exact(length * width) {
+                into.extend_from_slice(&state[first * width..(first + count) * width]);
+            }
+        };
+        let per_token_width = self.per_token.as_ref().map_or(0, |(layout, linear)| {
+            gather(layout.first, layout.positions, gathered);
+            linear_host(params, linear, gathered, false, per_token);
+            layout.actions()
+        });
+        let pooled_width = self.pooled.as_ref().map_or(0, |linear| {
+            gather(0, 1, gathered);
+            linear_host(params, linear, gathered, false, pooled);
+            pooled.len() / rows
+        });
+        logits.clear();
+        for r in 0..rows {
+            logits.extend_from_slice(&per_token[r * per_token_width..][..per_token_width]);
+            logits.extend_from_slice(&pooled[r * pooled_width..][..pooled_width]);
+        }
+    }
+}
+
 impl Network for Transformer {
     fn outputs(&self) -> Wanted {
         self.heads.outputs()
@@ -359,6 +523,34 @@ impl Network for Transformer {
                 .filter(|_| wanted.log_flow)
                 .map(|l| l.forward(p, &encoded.select(1, 0)).squeeze_dim(1)),
         }
+    }
+
+    fn pf_logits_host(
+        &self,
+        params: &ParamStore,
+        env: &dyn Environment,
+        states: &[i64],
+        logits: &mut Vec<f32>,
+        scratch: &mut HostScratch,
+    ) -> bool {
+        let Some(head) = &self.pf else {
+            return false;
+        };
+        let tokens = env
+            .tokens()
+            .expect("checked when the Transformer was built");
+        let rows = states.len() / env.state_dim();
+        self.encode_host(params, tokens, states, rows, scratch);
+        let [encoded, gathered, per_token, pooled] = scratch.buffers();
+        let shape = (tokens.length(), self.config.width);
+        head.forward_host(
+            params,
+            encoded,
+            shape,
+            [gathered, per_token, pooled],
+            logits,
+        );
+        true
     }
 }
 
@@ -408,6 +600,47 @@ mod tests {
                     .sum(Kind::Float)
                     .double_value(&[]),
                 0.0
+            );
+        }
+    }
+
+    #[test]
+    fn the_cpu_linear_layer_and_its_gradient_are_libtorch_s() {
+        // SAFETY: a pure function of two integers.
+        if !unsafe { gfn_small_linear_fits(16, 16) } {
+            return; // no AVX-512 here: the Transformer uses libtorch's layers.
+        }
+        tch::manual_seed(5);
+        let mut b = ParamStoreBuilder::default();
+        let mut rng: ChaCha8Rng = rand::SeedableRng::seed_from_u64(1);
+        // Row counts off the tiles of 8 and 4; 48 outputs end on a block of 16 columns; the
+        // input a non-contiguous view of three dimensions, as the per-token head passes.
+        let shapes = [(13, 64, 192), (5, 16, 48), (64, 32, 256)];
+        let layers: Vec<Linear> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, k, n))| Linear::new(&mut b, &format!("l{i}"), k, n, &mut rng))
+            .collect();
+        let mut store = b.build(Device::Cpu);
+        for (&(rows, k, n), layer) in shapes.iter().zip(&layers) {
+            let base = Tensor::randn([rows, 3, k as i64 + 1], (Kind::Float, Device::Cpu));
+            let weights = Tensor::randn([rows, 2, n as i64], (Kind::Float, Device::Cpu));
+            let mut run = |f: &dyn Fn(&ParamViews, &Tensor) -> Tensor| {
+                store.zero_grad();
+                let leaf = base.detach().set_requires_grad(true);
+                let out = f(&store.views(), &leaf.narrow(1, 1, 2).narrow(2, 1, k as i64));
+                (&out * &weights).sum(Kind::Float).backward();
+                (out.detach(), leaf.grad(), store.grad().copy())
+            };
+            let ours = run(&|p, x| dense(p, layer, x));
+            let theirs = run(&|p, x| layer.forward(p, x));
+            let gap = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+            let case = format!("{rows} rows, {k} inputs, {n} outputs");
+            assert!(gap(&ours.0, &theirs.0) < 1e-5, "{case}: outputs");
+            assert!(gap(&ours.1, &theirs.1) < 1e-4, "{case}: input gradients");
+            assert!(
+                gap(&ours.2, &theirs.2) < 1e-4,
+                "{case}: parameter gradients"
             );
         }
     }
