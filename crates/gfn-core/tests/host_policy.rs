@@ -30,6 +30,27 @@ fn estimators(env: &dyn Environment, architecture: Architecture, seed: u64) -> E
     est
 }
 
+/// TB's estimators with a uniform P_B, at their initial values.
+fn pf_only(
+    env: &dyn Environment,
+    architecture: Architecture,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Estimators {
+    let config = EstimatorConfig {
+        architecture,
+        backward: BackwardPolicy::Uniform,
+        log_flow: false,
+        log_z: true,
+    };
+    Estimators::new(env, config, Device::Cpu, rng).unwrap()
+}
+
+const UNCLIPPED: BatchNeeds = BatchNeeds {
+    clip_min: f32::NEG_INFINITY,
+    state_log_rewards: false,
+    prior: None,
+};
+
 fn values(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(t.contiguous().view([-1])).unwrap()
 }
@@ -82,14 +103,9 @@ fn host_transformer_matches_libtorch_at_gfnx_size() {
     // states of every length that its own rollouts reach.
     tch::set_num_threads(1);
     let env = BitSeq::new(BitSeqConfig::default()).unwrap();
-    let config = EstimatorConfig {
-        architecture: Architecture::Transformer(TransformerConfig::default()),
-        backward: BackwardPolicy::Uniform,
-        log_flow: false,
-        log_z: true,
-    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
-    let est = Estimators::new(&env, config, Device::Cpu, &mut rng).unwrap();
+    let architecture = Architecture::Transformer(TransformerConfig::default());
+    let est = pf_only(&env, architecture, &mut rng);
     let batch = sample_trajectories(&env, &est, 3, Exploration::ON_POLICY, &mut rng).unwrap();
     let mut scratch = HostScratch::default();
     for (chunk, states) in batch.states.chunks(8 * env.state_dim()).enumerate() {
@@ -120,12 +136,7 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let batch = sample_trajectories(&env, &est, 64, Exploration::ON_POLICY, &mut rng).unwrap();
-    let needs = BatchNeeds {
-        clip_min: f32::NEG_INFINITY,
-        state_log_rewards: false,
-        prior: None,
-    };
-    let prepared = prepare(&env, &est, &batch, needs);
+    let prepared = prepare(&env, &est, &batch, UNCLIPPED);
     let distinct = prepared.input.size()[0] as usize;
     assert!(
         distinct < batch.n_states() / 2,
@@ -184,5 +195,49 @@ fn loss_inputs_from_distinct_states_equal_those_of_every_state() {
         };
         close(got_pb[i], want_pb, "log P_B", i);
         close(got_flow[i], log_flow[i], "log F", i);
+    }
+}
+
+#[test]
+fn loss_inputs_leave_out_the_rows_that_nothing_reads() {
+    // Bitseq has no exit action: with P_F alone (TB, uniform P_B) the networks skip the last
+    // states, and log P_F is still that of every state's action (0 where none is taken).
+    tch::manual_seed(8);
+    let env = BitSeq::new(common::small_bitseq(2)).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+    let architecture = Architecture::Mlp {
+        hidden: 16,
+        layers: 1,
+    };
+    let est = pf_only(&env, architecture, &mut rng);
+    let batch = sample_trajectories(&env, &est, 12, Exploration::ON_POLICY, &mut rng).unwrap();
+    let prepared = prepare(&env, &est, &batch, UNCLIPPED);
+    let is_last = batch.is_last();
+    let mut inner: Vec<&[i64]> = (0..batch.n_states())
+        .filter(|&i| !is_last[i])
+        .map(|i| batch.state(i))
+        .collect();
+    inner.sort();
+    inner.dedup();
+    assert_eq!(prepared.input.size()[0] as usize, inner.len());
+    let ev = evaluate(&est, &est.params.views(), &prepared, None);
+    let na = env.n_actions();
+    let out = est.pf_logits_no_grad(&est.input(&env, &batch.states));
+    let mut mask = vec![false; batch.n_states() * na];
+    env.forward_masks(&batch.states, &mut mask);
+    let log_pf = values(&masked_log_softmax(
+        &out,
+        &additive_mask(&mask, na, Device::Cpu),
+    ));
+    for (i, got) in values(&ev.log_pf).into_iter().enumerate() {
+        let want = if is_last[i] {
+            0.0
+        } else {
+            log_pf[i * na + batch.actions[i]]
+        };
+        assert!(
+            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+            "state {i}: {got} vs {want}"
+        );
     }
 }

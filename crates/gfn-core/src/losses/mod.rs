@@ -374,11 +374,12 @@ pub fn prepare(
     let n_unique = unique.len();
     let is_first = batch.is_first();
     let is_last = batch.is_last();
-    let mut forward_mask = vec![false; n_unique * n_actions];
-    env.forward_masks(&unique.rows, &mut forward_mask);
+    let network = NetworkRows::new(estimators, &unique, &is_last, exits);
+    let mut forward_mask = vec![false; network.len * n_actions];
+    env.forward_masks(&network.states, &mut forward_mask);
     let mut backward_mask = vec![false; n_unique * n_back];
     env.backward_masks(&unique.rows, &mut backward_mask);
-    let row = |i: usize| unique.index_of[i] as i64;
+    let row = |i: usize| network.row_of[unique.index_of[i]] as i64;
     // A state without an action (x, without an exit action) picks column 0, masked out below.
     let forward_pick: Vec<i64> = (0..s)
         .map(|i| match batch.actions[i] {
@@ -439,7 +440,7 @@ pub fn prepare(
         n_trajectories: batch.len(),
         offsets: batch.offsets.clone(),
         exits,
-        input: estimators.input(env, &unique.rows),
+        input: estimators.input(env, &network.states),
         forward_mask: additive_mask(&forward_mask, n_actions, device),
         backward_mask: estimators
             .has_learned_pb()
@@ -462,9 +463,49 @@ pub fn prepare(
         prior_log_pf: None,
     };
     if let Some(prior) = needs.prior {
-        prepared.prior_log_pf = prior.trajectory_log_pf(env, &unique.rows, &prepared);
+        prepared.prior_log_pf = prior.trajectory_log_pf(env, &network.states, &prepared);
     }
     prepared
+}
+
+/// The distinct states that the networks run on. Without an exit action the last state of a
+/// trajectory takes no action, so where P_F is all the networks give, nothing of its row would
+/// be read: those rows are left out (gfnx's bitseq: 16 of 241 rows at batch 16), and their
+/// states point at row 0 (always kept), whose picked value `has_action` zeroes.
+struct NetworkRows {
+    states: Vec<i64>,
+    len: usize,
+    /// Each distinct state's row among `states` (0 for those left out).
+    row_of: Vec<usize>,
+}
+
+impl NetworkRows {
+    fn new(estimators: &Estimators, unique: &UniqueRows, is_last: &[bool], exits: bool) -> Self {
+        let skip_last = !exits && estimators.all_outputs() == Wanted::PF;
+        let mut needed = vec![!skip_last; unique.len()];
+        for (&u, _) in unique
+            .index_of
+            .iter()
+            .zip(is_last)
+            .filter(|(_, &last)| !last)
+        {
+            needed[u] = true;
+        }
+        let dim = unique.rows.len() / unique.len().max(1);
+        let mut rows = NetworkRows {
+            states: Vec::with_capacity(unique.rows.len()),
+            len: 0,
+            row_of: vec![0; unique.len()],
+        };
+        for (u, state) in unique.rows.chunks_exact(dim.max(1)).enumerate() {
+            if needed[u] {
+                rows.row_of[u] = rows.len;
+                rows.len += 1;
+                rows.states.extend_from_slice(state);
+            }
+        }
+        rows
+    }
 }
 
 /// Estimator outputs on every state of a batch.
