@@ -8,7 +8,10 @@
 //! On the CPU the attention is our own autograd function (`attention.cpp`, built by gfn-core's
 //! build script against libtorch's headers): libtorch's scaled_dot_product_attention spent
 //! most of a bitseq step setting up thousands of 16 × 8 matrix products (measured: 23 ms per
-//! layer forward and backward at 241 states, against 7.5 ms).
+//! layer forward and backward at 241 states, against 7.5 ms). So are the affine layers on
+//! AVX-512 CPUs (`linear.cpp`). Rollouts, which ask for a few states at a time, run the whole
+//! forward pass in plain Rust instead ([`Network::pf_logits_host`]): at 8 states a call,
+//! libtorch's dispatch of ~60 operations took most of the rollout's time.
 
 use super::linear::Linear;
 use super::{at_least_one, HeadWidths, HostScratch, Network, Outputs, Wanted};
@@ -492,7 +495,7 @@ impl Head {
         let pooled_width = self.pooled.as_ref().map_or(0, |linear| {
             gather(0, 1, gathered);
             linear_host(params, linear, gathered, false, pooled);
-            pooled.len() / rows
+            pooled.len() / rows.max(1)
         });
         logits.clear();
         for r in 0..rows {
