@@ -1,6 +1,6 @@
 //! The affine layer every architecture builds on.
 
-use crate::params::{ParamId, ParamStoreBuilder, ParamViews};
+use crate::params::{ParamId, ParamStore, ParamStoreBuilder, ParamViews};
 use rand::Rng;
 use tch::Tensor;
 
@@ -28,6 +28,16 @@ impl Linear {
         );
         let bias = b.add_uniform(&format!("{name}.bias"), &[output as i64], bound, rng);
         Linear { weight, bias }
+    }
+
+    /// `x · W + b` (then ReLU if `relu`) in plain Rust from the CPU parameters, for `x` of
+    /// rows × inputs, into `out` ([`crate::host_mlp::linear`]).
+    pub fn forward_host(&self, params: &ParamStore, x: &[f32], relu: bool, out: &mut Vec<f32>) {
+        let host = |id: ParamId| params.host_values(id).expect("parameters on the CPU");
+        let (weight, bias) = (host(self.weight), host(self.bias));
+        let rows = x.len() / (weight.len() / bias.len());
+        out.resize(rows * bias.len(), 0.0);
+        crate::host_mlp::linear(x, weight, bias, rows, relu, out);
     }
 
     /// `x · W + b` over the last dimension of `x` (rows of any leading shape).

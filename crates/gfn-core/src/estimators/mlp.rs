@@ -5,7 +5,7 @@
 use super::linear::Linear;
 use super::{at_least_one, HeadWidths, HostScratch, Network, Outputs, Wanted};
 use crate::env::Environment;
-use crate::params::{ParamId, ParamStore, ParamStoreBuilder, ParamViews};
+use crate::params::{ParamStore, ParamStoreBuilder, ParamViews};
 use crate::Result;
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
@@ -95,22 +95,17 @@ impl Network for Mlp {
         let Some(out) = &self.pf else {
             return false;
         };
-        let host = |id: ParamId| params.host_values(id).expect("parameters on the CPU");
         let rows = states.len() / env.state_dim();
         let [input, hidden, next] = scratch.buffers();
         input.resize(rows * env.encoding_dim(), 0.0);
         env.encode(states, input);
         let mut x: &[f32] = input;
         for layer in &self.trunk {
-            let b = host(layer.bias);
-            next.resize(rows * b.len(), 0.0);
-            crate::host_mlp::linear(x, host(layer.weight), b, rows, true, next);
+            layer.forward_host(params, x, true, next);
             std::mem::swap(hidden, next);
             x = hidden;
         }
-        let b = host(out.bias);
-        logits.resize(rows * b.len(), 0.0);
-        crate::host_mlp::linear(x, host(out.weight), b, rows, false, logits);
+        out.forward_host(params, x, false, logits);
         true
     }
 

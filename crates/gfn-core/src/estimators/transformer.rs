@@ -286,15 +286,6 @@ impl Transformer {
     }
 }
 
-/// The host pass's per-token linear layer: `x` of `rows × inputs` into `out`.
-fn linear_host(params: &ParamStore, linear: &Linear, x: &[f32], relu: bool, out: &mut Vec<f32>) {
-    let host = |id: ParamId| params.host_values(id).expect("parameters on the CPU");
-    let bias = host(linear.bias);
-    let rows = x.len() / (host(linear.weight).len() / bias.len());
-    out.resize(rows * bias.len(), 0.0);
-    crate::host_mlp::linear(x, host(linear.weight), bias, rows, relu, out);
-}
-
 /// Σ f(v) over `values`, sixteen partial sums at a time (which the compiler vectorises).
 fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0f32; 16];
@@ -350,7 +341,7 @@ impl Transformer {
             }
         }
         for block in &self.blocks {
-            linear_host(params, &block.qkv, x, false, qkv);
+            block.qkv.forward_host(params, x, false, qkv);
             attended.resize(x.len(), 0.0);
             probs.resize(rows * heads * length * length, 0.0);
             // SAFETY: the buffers hold the sizes that the kernel reads and writes.
@@ -365,10 +356,10 @@ impl Transformer {
                     width as i64,
                 )
             };
-            linear_host(params, &block.out, attended, false, normed);
+            block.out.forward_host(params, attended, false, normed);
             add_and_normalise(params, &block.norm_in, normed, x);
-            linear_host(params, &block.ff_in, normed, true, inner);
-            linear_host(params, &block.ff_out, inner, false, x);
+            block.ff_in.forward_host(params, normed, true, inner);
+            block.ff_out.forward_host(params, inner, false, x);
             add_and_normalise(params, &block.norm_out, x, normed);
         }
     }
@@ -489,12 +480,12 @@ impl Head {
         };
         let per_token_width = self.per_token.as_ref().map_or(0, |(layout, linear)| {
             gather(layout.first, layout.positions, gathered);
-            linear_host(params, linear, gathered, false, per_token);
+            linear.forward_host(params, gathered, false, per_token);
             layout.actions()
         });
         let pooled_width = self.pooled.as_ref().map_or(0, |linear| {
             gather(0, 1, gathered);
-            linear_host(params, linear, gathered, false, pooled);
+            linear.forward_host(params, gathered, false, pooled);
             pooled.len() / rows.max(1)
         });
         logits.clear();

@@ -374,8 +374,8 @@ pub fn prepare(
     let n_unique = unique.len();
     let is_first = batch.is_first();
     let is_last = batch.is_last();
-    let network = NetworkRows::new(estimators, &unique, &is_last, exits);
-    let mut forward_mask = vec![false; network.len * n_actions];
+    let network = NetworkRows::new(estimators, &unique, batch.state_dim, &is_last, exits);
+    let mut forward_mask = vec![false; network.states.len() / batch.state_dim * n_actions];
     env.forward_masks(&network.states, &mut forward_mask);
     let mut backward_mask = vec![false; n_unique * n_back];
     env.backward_masks(&unique.rows, &mut backward_mask);
@@ -473,34 +473,35 @@ pub fn prepare(
 /// be read: those rows are left out (gfnx's bitseq: 16 of 241 rows at batch 16), and their
 /// states point at row 0 (always kept), whose picked value `has_action` zeroes.
 struct NetworkRows {
+    /// The states, `dim` values each.
     states: Vec<i64>,
-    len: usize,
     /// Each distinct state's row among `states` (0 for those left out).
     row_of: Vec<usize>,
 }
 
 impl NetworkRows {
-    fn new(estimators: &Estimators, unique: &UniqueRows, is_last: &[bool], exits: bool) -> Self {
+    fn new(
+        estimators: &Estimators,
+        unique: &UniqueRows,
+        dim: usize,
+        is_last: &[bool],
+        exits: bool,
+    ) -> Self {
         let skip_last = !exits && estimators.all_outputs() == Wanted::PF;
         let mut needed = vec![!skip_last; unique.len()];
-        for (&u, _) in unique
-            .index_of
-            .iter()
-            .zip(is_last)
-            .filter(|(_, &last)| !last)
-        {
-            needed[u] = true;
+        for (&u, &last) in unique.index_of.iter().zip(is_last) {
+            needed[u] |= !last;
         }
-        let dim = unique.rows.len() / unique.len().max(1);
+        if let Some(first) = needed.first_mut() {
+            *first = true;
+        }
         let mut rows = NetworkRows {
             states: Vec::with_capacity(unique.rows.len()),
-            len: 0,
             row_of: vec![0; unique.len()],
         };
-        for (u, state) in unique.rows.chunks_exact(dim.max(1)).enumerate() {
+        for (u, state) in unique.rows.chunks_exact(dim).enumerate() {
             if needed[u] {
-                rows.row_of[u] = rows.len;
-                rows.len += 1;
+                rows.row_of[u] = rows.states.len() / dim;
                 rows.states.extend_from_slice(state);
             }
         }
